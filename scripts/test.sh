@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up everything from scratch and runs the whole test suite: Rust parity tests against the
+# HF transformers fixtures, then the Python API tests on the built extension.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q numpy pytest maturin
+VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" maturin develop --release --quiet
+cargo test --release
+.venv/bin/python -m pytest tests

@@ -1,0 +1,256 @@
+//! The Granite decoder: Llama with four scalars (embedding, residual, attention, logits).
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Linear, RmsNorm};
+
+use crate::config::{Activation, GraniteConfig};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::rope::RotaryEmbedding;
+use crate::weights::Weights;
+
+/// A linear layer from `{prefix}.weight` (out, in) and, when present, `{prefix}.bias` (out,).
+fn linear(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+    let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+    let bias = bias.then(|| w.get(&format!("{prefix}.bias"), &[out_dim])).transpose()?;
+    Ok(Linear::new(weight, bias))
+}
+
+/// Several HF projections that read the same input, stacked into one matmul.
+fn fused_linear(w: &Weights, prefixes: &[(&str, usize)], in_dim: usize, bias: bool) -> Result<Linear> {
+    let parts = prefixes
+        .iter()
+        .map(|(p, out_dim)| linear(w, p, *out_dim, in_dim, bias))
+        .collect::<Result<Vec<_>>>()?;
+    let weights: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
+    let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias()).collect();
+    let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+}
+
+fn rms_norm(w: &Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(w.get(&format!("{name}.weight"), &[size])?, eps))
+}
+
+struct Attention {
+    /// q, k and v projections stacked: (n_heads + 2 * n_kv_heads) * head_dim rows.
+    qkv_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    /// The softmax scale: Granite's attention_multiplier.
+    scale: f64,
+}
+
+impl Attention {
+    fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
+        let (n_heads, n_kv_heads, head_dim) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let proj = |name: &str, heads: usize| (format!("{prefix}.{name}"), heads * head_dim);
+        let (q, k, v) = (proj("q_proj", n_heads), proj("k_proj", n_kv_heads), proj("v_proj", n_kv_heads));
+        let parts = [(q.0.as_str(), q.1), (k.0.as_str(), k.1), (v.0.as_str(), v.1)];
+        Ok(Self {
+            qkv_proj: fused_linear(w, &parts, cfg.hidden_size, cfg.attention_bias)?,
+            o_proj: linear(w, &format!("{prefix}.o_proj"), cfg.hidden_size, n_heads * head_dim, cfg.attention_bias)?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale: cfg.attention_multiplier(),
+        })
+    }
+
+    /// x: (b, t, hidden) -> (b, t, hidden). `mask`: (t, start + t) additive, None when t == 1.
+    fn forward(&self, x: &Tensor, cs: &(Tensor, Tensor), mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = self.qkv_proj.forward(x)?; // (b, t, (nh + 2 nkv) hd)
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            // (b, t, n hd) -> (b, n, t, hd)
+            Ok(qkv.narrow(D::Minus1, start * hd, n * hd)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = candle_nn::rotary_emb::rope(&heads(0, nh)?, &cs.0, &cs.1)?;
+        let k = candle_nn::rotary_emb::rope(&heads(nh, nkv)?, &cs.0, &cs.1)?;
+        let v = heads(nh + nkv, nkv)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let len = k.dim(2)?;
+        // GQA without copying K/V: the n_rep query heads of one kv head become rows of one matrix.
+        let n_rep = nh / nkv;
+        let q = (q * self.scale)?.reshape((b, nkv, n_rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?; // (b, nkv, n_rep t, len)
+        let scores = match mask {
+            Some(m) => scores.reshape((b, nh, t, len))?.broadcast_add(m)?.reshape((b, nkv, n_rep * t, len))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // (b, nkv, n_rep t, hd)
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+struct Mlp {
+    /// gate_proj and up_proj stacked: 2 * intermediate_size rows.
+    gate_up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
+        let (gate, up) = (format!("{prefix}.gate_proj"), format!("{prefix}.up_proj"));
+        let parts = [(gate.as_str(), cfg.intermediate_size), (up.as_str(), cfg.intermediate_size)];
+        Ok(Self {
+            gate_up_proj: fused_linear(w, &parts, cfg.hidden_size, cfg.mlp_bias)?,
+            down_proj: linear(w, &format!("{prefix}.down_proj"), cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)?,
+            act: cfg.activation()?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate_up = self.gate_up_proj.forward(x)?; // (b, t, 2 intermediate)
+        let hidden = match self.act {
+            Activation::Silu => candle_nn::ops::swiglu(&gate_up)?,
+            act => {
+                let halves = gate_up.chunk(2, D::Minus1)?;
+                let gate = match act {
+                    Activation::Gelu => halves[0].gelu_erf()?,
+                    Activation::GeluTanh => halves[0].gelu()?,
+                    _ => halves[0].relu()?,
+                };
+                (gate * &halves[1])?
+            }
+        };
+        Ok(self.down_proj.forward(&hidden)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    residual_multiplier: f64,
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
+        let norm = |name: &str| rms_norm(w, &format!("{prefix}.{name}"), cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::load(w, &format!("{prefix}.self_attn"), cfg)?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            mlp: Mlp::load(w, &format!("{prefix}.mlp"), cfg)?,
+            residual_multiplier: cfg.residual_multiplier(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cs: &(Tensor, Tensor), mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cs, mask, cache)?;
+        let x = (x + attn.affine(self.residual_multiplier, 0.0)?)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp.affine(self.residual_multiplier, 0.0)?)?)
+    }
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+pub struct Granite {
+    /// (vocab, hidden)
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// Shares `embed_tokens` when the embeddings are tied.
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+    cfg: GraniteConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl Granite {
+    pub fn load(cfg: &GraniteConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[vocab, hidden])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(w, &format!("model.layers.{i}"), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            linear(w, "lm_head", vocab, hidden, false)?
+        };
+        let rotary = RotaryEmbedding::new(cfg.rope()?, cfg.head_dim(), cfg.max_position_embeddings, dtype, device);
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: rms_norm(w, "model.norm", hidden, cfg.rms_norm_eps)?,
+            lm_head,
+            rotary,
+            cfg: cfg.clone(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &GraniteConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for `batch` sequences of up to `capacity` tokens.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let c = &self.cfg;
+        KvCache::new(c.num_hidden_layers, batch, c.num_kv_heads(), c.head_dim(), capacity, self.dtype, &self.device)
+    }
+
+    /// (t, start + t) additive causal mask: query i sees keys 0..=start + i.
+    fn causal_mask(&self, start: usize, t: usize) -> Result<Tensor> {
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..start + t).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        Ok(Tensor::from_vec(mask, (t, start + t), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// ids: (b, t) u32, continuing the sequence in `cache` (or a fresh one without it).
+    /// Returns f32 logits (b, t, vocab) for `Logits::All`, (b, 1, vocab) for `Logits::Last`.
+    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, which: Logits) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t == 0 {
+            return Err(Error::invalid("cannot run the model on an empty sequence"));
+        }
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(c) = cache.as_deref_mut() {
+            c.reserve(t)?;
+        }
+        let cs = self.rotary.cos_sin(start, t)?;
+        let mask = (t > 1).then(|| self.causal_mask(start, t)).transpose()?;
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        x = x.affine(self.cfg.embedding_multiplier(), 0.0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &cs, mask.as_ref(), cache.as_deref_mut().map(|c| (c, i)))?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        if which == Logits::Last {
+            x = x.narrow(1, t - 1, 1)?;
+        }
+        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        Ok((logits / self.cfg.logits_scaling())?.to_dtype(DType::F32)?)
+    }
+}

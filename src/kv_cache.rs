@@ -1,0 +1,78 @@
+//! Per-layer key/value cache, preallocated and written in place at the current position.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+pub struct KvCache {
+    /// Per layer, each (batch, n_kv_heads, capacity, head_dim).
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Positions filled, the same in every layer between forwards.
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(
+        layers: usize,
+        batch: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let zeros = || Tensor::zeros((batch, n_kv_heads, capacity, head_dim), dtype, device);
+        let k = (0..layers).map(|_| zeros()).collect::<candle_core::Result<_>>()?;
+        let v = (0..layers).map(|_| zeros()).collect::<candle_core::Result<_>>()?;
+        Ok(Self { k, v, len: 0 })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.k.first().map_or(0, |k| k.dim(2).unwrap_or(0))
+    }
+
+    /// Makes room for `extra` more positions, at least doubling when it must grow.
+    pub fn reserve(&mut self, extra: usize) -> Result<()> {
+        let needed = self.len + extra;
+        let capacity = self.capacity();
+        if needed <= capacity {
+            return Ok(());
+        }
+        let new_capacity = needed.max(2 * capacity);
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let (b, h, _, d) = t.dims4()?;
+            let grown = Tensor::zeros((b, h, new_capacity, d), t.dtype(), t.device())?;
+            grown.slice_set(&t.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            *t = grown;
+        }
+        Ok(())
+    }
+
+    /// Writes k and v, each (batch, n_kv_heads, t, head_dim), at the current position of `layer`
+    /// and returns views of everything cached there, each (batch, n_kv_heads, len + t, head_dim).
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        self.k[layer].slice_set(k, 2, self.len)?;
+        self.v[layer].slice_set(v, 2, self.len)?;
+        Ok((self.k[layer].narrow(2, 0, self.len + t)?, self.v[layer].narrow(2, 0, self.len + t)?))
+    }
+
+    /// Marks `t` more positions as filled, once every layer has appended them.
+    pub fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}

@@ -1,0 +1,37 @@
+//! The PyO3 layer: argument conversion, the GIL released around all work, errors mapped to
+//! Python exception classes. No logic of its own.
+
+mod generator;
+mod params;
+
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::error::Error;
+
+pyo3::create_exception!(
+    granite_rs,
+    GraniteError,
+    PyException,
+    "A model that cannot be loaded or run: bad config, weights or tokenizer, numerical failure."
+);
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        match e {
+            Error::NotFound { .. } => PyFileNotFoundError::new_err(message),
+            Error::InvalidArgument(_) | Error::ContextOverflow { .. } => PyValueError::new_err(message),
+            _ => GraniteError::new_err(message),
+        }
+    }
+}
+
+#[pymodule]
+fn _granite_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("GraniteError", m.py().get_type::<GraniteError>())?;
+    m.add_class::<generator::Generator>()?;
+    m.add_class::<generator::TextStream>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Generation keywords, read once for generate / generate_ids / stream.
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::generate::{GenerateParams, Generator};
+
+fn non_negative(name: &str, value: i128) -> PyResult<u64> {
+    u64::try_from(value).map_err(|_| match value < 0 {
+        true => PyValueError::new_err(format!("{name} must not be negative, got {value}")),
+        false => PyValueError::new_err(format!("{name} must be below 2**64, got {value}")),
+    })
+}
+
+/// Extracts a keyword's value; a wrong type is a TypeError that names the keyword.
+fn get<'a, 'py, T>(key: &str, value: &'a Bound<'py, PyAny>) -> PyResult<T>
+where
+    T: FromPyObject<'a, 'py>,
+    T::Error: Into<PyErr>,
+{
+    value.extract::<T>().map_err(|e| {
+        let e: PyErr = e.into();
+        PyTypeError::new_err(format!("{key}: {}", e.value(value.py())))
+    })
+}
+
+/// `stop` may be one string or a list of them.
+fn stop_strings(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    match value.extract::<String>() {
+        Ok(s) => Ok(vec![s]),
+        Err(_) => get("stop", value),
+    }
+}
+
+/// Keywords as transformers' `generate` names them; unset ones come from generation_config.json.
+pub fn generate_params(generator: &Generator, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<GenerateParams> {
+    let mut p = GenerateParams { sampling: generator.defaults().sampling(), ..Default::default() };
+    for (key, value) in kwargs.into_iter().flat_map(|k| k.iter()) {
+        let key: String = key.extract()?;
+        let none = value.is_none();
+        match key.as_str() {
+            "max_new_tokens" if none => {}
+            "max_new_tokens" => {
+                let n: i64 = get(&key, &value)?;
+                if n < 1 {
+                    return Err(PyValueError::new_err(format!("max_new_tokens must be at least 1, got {n}")));
+                }
+                p.max_new_tokens = Some(n as usize);
+            }
+            "do_sample" => p.sampling.do_sample = get(&key, &value)?,
+            "temperature" => p.sampling.temperature = get(&key, &value)?,
+            "top_k" => {
+                let k: Option<i128> = get(&key, &value)?;
+                p.sampling.top_k = k.map(|k| non_negative("top_k", k).map(|k| k as usize)).transpose()?;
+            }
+            "top_p" => p.sampling.top_p = get(&key, &value)?,
+            "repetition_penalty" => p.sampling.repetition_penalty = get(&key, &value)?,
+            "seed" => p.sampling.seed = get::<Option<i128>>(&key, &value)?.map(|s| non_negative("seed", s)).transpose()?,
+            "stop" if none => p.stop.clear(),
+            "stop" => p.stop = stop_strings(&value)?,
+            "stop_token_ids" => {
+                let ids: Option<Vec<i64>> = get(&key, &value)?;
+                p.stop_token_ids = generator.check_ids(&ids.unwrap_or_default())?;
+            }
+            "ignore_eos" => p.ignore_eos = get(&key, &value)?,
+            other => return Err(PyTypeError::new_err(format!("unexpected keyword argument '{other}'"))),
+        }
+    }
+    p.sampling.validate()?;
+    Ok(p)
+}

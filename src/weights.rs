@@ -1,0 +1,94 @@
+//! Memory-mapped safetensors checkpoints, single-file or sharded, with named errors.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::config::read_json;
+use crate::error::{Error, Result};
+
+/// Every tensor of a checkpoint, read on demand from its memory-mapped file.
+pub struct Weights {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// Tensor name -> index into `files`.
+    location: HashMap<String, usize>,
+    dtype: DType,
+    device: Device,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+fn open(path: &Path) -> Result<MmapedSafetensors> {
+    if !path.is_file() {
+        return Err(Error::NotFound { what: "weights file", path: path.into() });
+    }
+    // SAFETY: the map is read-only; like every mmap reader we rely on nobody truncating the file under us.
+    unsafe { MmapedSafetensors::new(path) }
+        .map_err(|e| Error::Safetensors { path: path.into(), reason: e.to_string() })
+}
+
+impl Weights {
+    /// Opens `model.safetensors`, or the shards that `model.safetensors.index.json` lists.
+    pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut files = Vec::new();
+        let mut location = HashMap::new();
+        if index_path.exists() {
+            let index: ShardIndex = read_json(&index_path)?;
+            let shards: BTreeSet<&String> = index.weight_map.values().collect();
+            let mut shard_of = HashMap::new();
+            for shard in shards {
+                let path = dir.join(shard);
+                let st = open(&path)?;
+                for (name, _) in st.tensors() {
+                    location.insert(name, files.len());
+                }
+                shard_of.insert(shard, files.len());
+                files.push((path, st));
+            }
+            for (name, shard) in &index.weight_map {
+                if location.get(name) != shard_of.get(shard) {
+                    return Err(Error::Safetensors {
+                        path: dir.join(shard),
+                        reason: format!("does not hold `{name}`, which model.safetensors.index.json places there"),
+                    });
+                }
+            }
+        } else {
+            let path = dir.join("model.safetensors");
+            let st = open(&path)?;
+            location = st.tensors().into_iter().map(|(name, _)| (name, 0)).collect();
+            files.push((path, st));
+        }
+        Ok(Self { files, location, dtype, device: device.clone() })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// Loads `name`, checks its shape, and converts it to the compute dtype on the device.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let file = *self.location.get(name).ok_or_else(|| Error::MissingWeight { name: name.into() })?;
+        let (path, st) = &self.files[file];
+        let bad = |e: candle_core::Error| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {e}") };
+        let view = st.get(name).map_err(bad)?;
+        if view.shape() != shape {
+            return Err(Error::WeightShape { name: name.into(), expected: shape.to_vec(), found: view.shape().to_vec() });
+        }
+        let tensor = view.load(&self.device).map_err(bad)?;
+        if !tensor.dtype().is_float() {
+            return Err(Error::Safetensors {
+                path: path.clone(),
+                reason: format!("`{name}` has dtype {:?}; weights must be float", tensor.dtype()),
+            });
+        }
+        Ok(tensor.to_dtype(self.dtype)?)
+    }
+}

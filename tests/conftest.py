@@ -1,0 +1,211 @@
+"""Shared fixtures and helpers: fixture model dirs, and random Granite checkpoints written by hand.
+
+Only numpy and pytest are needed; safetensors files are written (and read back) without the
+``safetensors`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+
+# numpy dtype <-> safetensors dtype tag. BF16 has no numpy dtype: it is written from float32
+# (see `write_safetensors`) and read back as float32.
+_NP_TO_ST = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.uint8): "U8",
+}
+_ST_TO_NP = {tag: dt for dt, tag in _NP_TO_ST.items()}
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The directory holding one HF model directory per fixture case."""
+    return FIXTURES_DIR
+
+
+def copy_fixture(tmp_path: Path, case: str) -> Path:
+    """Copies ``tests/fixtures/<case>`` to ``tmp_path/<case>`` and returns the copy."""
+    src = FIXTURES_DIR / case
+    if not src.is_dir():
+        raise ValueError(f"no fixture case {case!r} in {FIXTURES_DIR}")
+    return Path(shutil.copytree(src, tmp_path / case))
+
+
+def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16)
+
+
+def write_safetensors(
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    *,
+    dtypes: Optional[dict[str, str]] = None,
+    metadata: Optional[dict[str, str]] = None,
+) -> Path:
+    """Writes ``tensors`` as a safetensors file with numpy only.
+
+    Layout: an 8-byte little-endian u64 header length, a JSON header (padded with spaces to a
+    multiple of 8) of ``{name: {"dtype", "shape", "data_offsets": [start, end]}}`` plus an optional
+    ``"__metadata__"``, then the raw little-endian bytes. ``dtypes`` may ask for ``"BF16"`` for a
+    float array (converted here); otherwise the tag follows the array's dtype.
+    """
+    dtypes = dtypes or {}
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    chunks = []
+    offset = 0
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        tag = dtypes.get(name)
+        if tag == "BF16":
+            data = _to_bf16_bits(array).astype("<u2").tobytes()
+        else:
+            if tag is not None:
+                array = array.astype(_ST_TO_NP[tag])
+            tag = _NP_TO_ST.get(array.dtype)
+            if tag is None:
+                raise TypeError(f"{name}: unsupported dtype {array.dtype}")
+            data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": tag, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for data in chunks:
+            f.write(data)
+    return path
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Reads a safetensors file with numpy only; BF16 tensors come back as float32."""
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    body = raw[8 + n :]
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        if info["dtype"] == "BF16":
+            bits = np.frombuffer(body[start:end], dtype="<u2").astype(np.uint32) << 16
+            array = bits.view(np.float32)
+        else:
+            array = np.frombuffer(body[start:end], dtype=_ST_TO_NP[info["dtype"]].newbyteorder("<"))
+        out[name] = array.reshape(info["shape"]).copy()
+    return out
+
+
+def checkpoint_config(**overrides) -> dict:
+    """A small Granite config.json as a dict; keyword arguments override or add fields."""
+    config = {
+        "architectures": ["GraniteForCausalLM"],
+        "model_type": "granite",
+        "vocab_size": 384,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "embedding_multiplier": 1.0,
+        "residual_multiplier": 1.0,
+        "logits_scaling": 1.0,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 3,
+        "torch_dtype": "float32",
+    }
+    config.update(overrides)
+    if "attention_multiplier" not in config:
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        config["attention_multiplier"] = 1.0 / float(np.sqrt(head_dim))
+    return config
+
+
+def random_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 weights for ``config`` under the HF names: N(0, 1) / sqrt(fan_in), norms 1."""
+    rng = np.random.default_rng(seed)
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    inter, n_layers = config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+
+    def dense(out_dim: int, in_dim: int) -> np.ndarray:
+        return (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    def bias(n: int) -> np.ndarray:
+        return (0.02 * rng.standard_normal(n)).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": rng.standard_normal((vocab, hidden)).astype(np.float32)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        w[f"{p}.input_layernorm.weight"] = ones(hidden)
+        attn = {
+            "q_proj": (heads * head_dim, hidden),
+            "k_proj": (kv_heads * head_dim, hidden),
+            "v_proj": (kv_heads * head_dim, hidden),
+            "o_proj": (hidden, heads * head_dim),
+        }
+        for name, (out_dim, in_dim) in attn.items():
+            w[f"{p}.self_attn.{name}.weight"] = dense(out_dim, in_dim)
+            if config.get("attention_bias"):
+                w[f"{p}.self_attn.{name}.bias"] = bias(out_dim)
+        w[f"{p}.post_attention_layernorm.weight"] = ones(hidden)
+        mlp = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        for name, (out_dim, in_dim) in mlp.items():
+            w[f"{p}.mlp.{name}.weight"] = dense(out_dim, in_dim)
+            if config.get("mlp_bias"):
+                w[f"{p}.mlp.{name}.bias"] = bias(out_dim)
+    w["model.norm.weight"] = ones(hidden)
+    if not config.get("tie_word_embeddings", False):
+        w["lm_head.weight"] = dense(vocab, hidden)
+    return w
+
+
+def make_checkpoint(directory: Path, *, seed: int = 0, **config_overrides) -> Path:
+    """Writes a complete random-weight Granite model directory and returns it.
+
+    config.json (``checkpoint_config(**config_overrides)``), model.safetensors (float32, or BF16
+    when ``torch_dtype`` is ``"bfloat16"``) and tokenizer.json from the ``mha_tied`` fixture.
+    Defaults: hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 128, vocab 384, 128 positions.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = checkpoint_config(**config_overrides)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    weights = random_weights(config, seed=seed)
+    dtypes = {name: "BF16" for name in weights} if config.get("torch_dtype") == "bfloat16" else None
+    write_safetensors(directory / "model.safetensors", weights, dtypes=dtypes, metadata={"format": "pt"})
+    shutil.copyfile(FIXTURES_DIR / "mha_tied" / "tokenizer.json", directory / "tokenizer.json")
+    return directory

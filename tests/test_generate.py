@@ -1,0 +1,146 @@
+"""The Python API against the HF transformers reference fixtures (tests/fixtures)."""
+
+import json
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import granite_rs
+from granite_rs import Generator
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CASES = ["mha_tied", "gqa_untied", "mqa_bias", "rope_linear", "rope_dynamic", "bf16", "sharded", "llama_like"]
+DTYPES = {"F32": np.float32, "I64": np.int64}
+
+
+def read_reference(case: str) -> dict:
+    """reference.safetensors, read with numpy alone."""
+    data = (FIXTURES / case / "reference.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        raw = data[8 + n + start : 8 + n + end]
+        out[name] = np.frombuffer(raw, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def gen() -> Generator:
+    return Generator(FIXTURES / "mha_tied")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_greedy_tokens_match_transformers(case):
+    ref = read_reference(case)
+    g = Generator(FIXTURES / case)
+    ids = ref["input_ids"].tolist()
+    logits = g.logits(ids)
+    assert logits.dtype == np.float32 and logits.shape == (len(ids), g.vocab_size)
+    assert np.abs(logits - ref["logits"]).max() <= 1e-4 * np.abs(ref["logits"]).max()
+    new = g.generate_ids(ids, max_new_tokens=32, ignore_eos=True)
+    assert new == ref["greedy_ids"].tolist()
+
+
+def test_generate_is_the_decoded_greedy_ids(gen):
+    prompt = "The quick brown fox"
+    ids = gen.generate_ids(gen.encode(prompt), max_new_tokens=40, ignore_eos=True)
+    assert gen.generate(prompt, max_new_tokens=40, ignore_eos=True) == gen.decode(ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_new_tokens=60, ignore_eos=True),
+        dict(max_new_tokens=60, do_sample=True, seed=3, temperature=1.3, top_k=50, top_p=0.95),
+        dict(max_new_tokens=60, do_sample=True, seed=4, repetition_penalty=1.5),
+    ],
+)
+def test_stream_joins_to_generate(kwargs):
+    g = Generator(FIXTURES / "gqa_untied")
+    prompt = "你好 🦊 def main():"
+    chunks = list(g.stream(prompt, **kwargs))
+    assert "".join(chunks) == g.generate(prompt, **kwargs)
+    assert all(chunks)  # (a random model emits invalid UTF-8 too, so U+FFFD may appear)
+
+
+def test_stream_reports_tokens_and_finish_reason(gen):
+    s = gen.stream("The quick", max_new_tokens=5, ignore_eos=True)
+    assert s.finish_reason is None
+    text = "".join(s)
+    assert s.finish_reason == "length" and len(s.token_ids) == 5
+    assert text == gen.decode(s.token_ids)
+
+
+def test_seed_reproduces_a_sample_and_other_seeds_differ(gen):
+    kw = dict(max_new_tokens=30, do_sample=True, temperature=1.5, ignore_eos=True)
+    first = gen.generate_ids([5, 6, 7], seed=11, **kw)
+    assert gen.generate_ids([5, 6, 7], seed=11, **kw) == first
+    assert any(gen.generate_ids([5, 6, 7], seed=s, **kw) != first for s in range(12, 16))
+
+
+def test_stop_string_spanning_tokens_ends_the_text_before_it(gen):
+    full = gen.generate("The quick", max_new_tokens=40, ignore_eos=True)
+    stop = full[10:16]
+    assert len(gen.encode(stop, add_special_tokens=False)) > 1
+    expected = full[: full.index(stop)]
+    assert gen.generate("The quick", max_new_tokens=40, ignore_eos=True, stop=stop) == expected
+    s = gen.stream("The quick", max_new_tokens=40, ignore_eos=True, stop=[stop, "never seen"])
+    assert "".join(s) == expected and s.finish_reason == "stop"
+
+
+def test_eos_ends_generation_unless_ignored():
+    g = Generator(FIXTURES / "mqa_bias")  # eos_token_id [0, 1]
+    ref = read_reference("mqa_bias")
+    ids = ref["input_ids"].tolist()
+    greedy = ref["greedy_ids"].tolist()
+    assert g.eos_token_ids == [0, 1]
+    # Make the first greedy token an end-of-sequence token.
+    s = g.generate_ids(ids, max_new_tokens=32, stop_token_ids=[greedy[0]])
+    assert s == greedy[:1]
+    assert g.generate_ids(ids, max_new_tokens=32, ignore_eos=True) == greedy
+
+
+def test_max_new_tokens_and_context_limit(gen):
+    assert len(gen.generate_ids([1, 2, 3], max_new_tokens=7, ignore_eos=True)) == 7
+    limit = gen.context_length
+    prompt = [5] * (limit - 4)
+    assert len(gen.generate_ids(prompt, max_new_tokens=100, ignore_eos=True)) == 4
+
+
+def test_breaking_out_of_a_stream_stops_the_work(gen):
+    s = gen.stream("The quick", max_new_tokens=100, ignore_eos=True)
+    next(s)
+    produced = len(s.token_ids)
+    del s  # nothing runs in the background
+    assert produced < 100
+
+
+def test_the_gil_is_released_while_generating(tmp_path):
+    from conftest import make_checkpoint
+
+    model_dir = tmp_path / "slow"
+    make_checkpoint(model_dir, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, max_position_embeddings=4096)
+    g = Generator(model_dir)
+    worker = threading.Thread(target=g.generate_ids, args=([1, 2, 3],), kwargs=dict(max_new_tokens=400, ignore_eos=True))
+    ticks = []
+    start = time.perf_counter()
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+        time.sleep(0.001)
+    elapsed = time.perf_counter() - start
+    gaps = np.diff([start, *ticks])
+    # With the GIL held for the whole call this thread would not run until it returned.
+    assert elapsed > 0.2 and len(ticks) > 20 and gaps.max() < elapsed / 4, (elapsed, len(ticks), gaps.max())
+
+
+def test_version_and_exports():
+    assert granite_rs.__version__ and set(granite_rs.__all__) >= {"Generator", "GraniteError", "TextStream"}
+    assert issubclass(granite_rs.GraniteError, Exception)
