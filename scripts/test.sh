@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Sets up everything from scratch and runs the whole test suite: Rust parity tests against the
-# HF transformers fixtures, then the Python API tests on the built extension.
+# HF transformers fixtures, then the stub and the Python API tests on the built extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q numpy pytest maturin
+.venv/bin/pip install -q numpy pytest maturin mypy
 VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" maturin develop --release --quiet
 cargo test --release
+.venv/bin/python -m mypy.stubtest granite_rs   # the stub matches the extension
 .venv/bin/python -m pytest tests

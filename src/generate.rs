@@ -166,7 +166,8 @@ impl Generation {
         if params.stop.iter().any(String::is_empty) {
             return Err(Error::invalid("stop strings must not be empty"));
         }
-        let capacity = (prompt.len() + max_new_tokens).min(limit);
+        // The cache grows by doubling past this, so a huge max_new_tokens costs nothing up front.
+        let capacity = (prompt.len() + max_new_tokens.min(1024)).min(limit);
         let cache = generator.model.new_cache(1, capacity)?;
         Ok(Self {
             cache,

@@ -144,3 +144,14 @@ def test_the_gil_is_released_while_generating(tmp_path):
 def test_version_and_exports():
     assert granite_rs.__version__ and set(granite_rs.__all__) >= {"Generator", "GraniteError", "TextStream"}
     assert issubclass(granite_rs.GraniteError, Exception)
+
+
+def test_long_generation_past_the_initial_cache_matches_one_full_forward(tmp_path):
+    from conftest import make_checkpoint
+
+    g = Generator(make_checkpoint(tmp_path / "long", max_position_embeddings=2048))
+    prompt = [5, 6, 7]
+    new = g.generate_ids(prompt, max_new_tokens=1100, ignore_eos=True)  # the cache grows past 1027
+    assert len(new) == 1100
+    greedy_again = g.logits(prompt + new[:-1]).argmax(axis=-1)[len(prompt) - 1 :]
+    assert greedy_again.tolist() == new

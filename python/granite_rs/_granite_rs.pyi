@@ -2,11 +2,13 @@
 
 from collections.abc import Iterator, Sequence
 from os import PathLike
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, final, type_check_only
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import TypedDict, Unpack
 
+__all__ = ["Generator", "GraniteError", "TextStream", "__version__"]
 __version__: str
 
 class GraniteError(Exception):
@@ -15,6 +17,37 @@ class GraniteError(Exception):
     Missing files raise ``FileNotFoundError`` and bad arguments ``ValueError`` instead.
     """
 
+@type_check_only
+class GenerateOptions(TypedDict, total=False):
+    """Keywords of ``generate``, ``generate_ids`` and ``stream``; transformers' names and meaning.
+
+    A keyword left out takes its value from the model's generation_config.json, else the default
+    below. Processors run in transformers' order: repetition_penalty, then, when sampling,
+    temperature, top_k, top_p.
+    """
+
+    max_new_tokens: Optional[int]
+    """How many tokens to generate at most (default 256); None means the default."""
+    do_sample: bool
+    """Sample instead of taking the most likely token (default False)."""
+    temperature: float
+    """Divides the logits before sampling; > 0 (default 1.0)."""
+    top_k: Optional[int]
+    """Sample among the k most likely tokens only; None or 0: off."""
+    top_p: Optional[float]
+    """Sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; None: off."""
+    repetition_penalty: Optional[float]
+    """> 0; above 1 makes tokens already in the sequence less likely (greedy too); None: off."""
+    seed: Optional[int]
+    """In [0, 2**64): makes sampling reproducible, whatever other calls or threads do."""
+    stop: Union[str, Sequence[str], None]
+    """Stop strings, matched on the text even across tokens, never included in the result."""
+    stop_token_ids: Optional[Sequence[int]]
+    """Token ids that end the generation (finish reason "stop")."""
+    ignore_eos: bool
+    """Keep going past end-of-sequence tokens (default False)."""
+
+@final
 class TextStream(Iterator[str]):
     """Text chunks of one generation, each yielded as soon as it is certain.
 
@@ -31,6 +64,7 @@ class TextStream(Iterator[str]):
     def finish_reason(self) -> Optional[Literal["eos", "stop", "length"]]:
         """Why the generation ended, or None while it runs."""
 
+@final
 class Generator:
     """A Granite (or Llama) model loaded from an HF model directory.
 
@@ -53,82 +87,39 @@ class Generator:
             mis-shaped weight (named, with both shapes), a tokenizer that does not parse.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         model_dir: Union[str, PathLike[str]],
         *,
         device: str = "cpu",
         dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
-    ) -> None: ...
+    ) -> Generator: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids. Raises ValueError for an id outside [0, vocab_size)."""
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """Logits of shape (len(ids), vocab_size) from one uncached forward over ``ids``."""
-    def generate(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: Optional[int] = 256,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        repetition_penalty: Optional[float] = None,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
-        stop_token_ids: Optional[Sequence[int]] = None,
-        ignore_eos: bool = False,
-    ) -> str:
+    def generate(self, prompt: str, **kwargs: Unpack[GenerateOptions]) -> str:
         """The new text that follows ``prompt`` (the prompt is not repeated).
 
-        Greedy unless ``do_sample``. Processors run in transformers' order: repetition_penalty,
-        then, when sampling, temperature, top_k, top_p. A ``seed`` makes the call reproducible.
-        Generation ends at an end-of-sequence token (unless ``ignore_eos``), a ``stop`` string
-        (matched on the text, never included in it), a ``stop_token_ids`` token,
-        ``max_new_tokens`` (default: generation_config.json's, else 256) or the context length.
+        Greedy unless ``do_sample``; ``GenerateOptions`` documents the keywords. Generation ends
+        at an end-of-sequence token (unless ``ignore_eos``), a ``stop`` string (matched on the
+        text, never included in it), a ``stop_token_ids`` token, ``max_new_tokens`` or the
+        context length.
 
         Raises:
             ValueError: a bad keyword value, an empty prompt, or a prompt that does not fit the
                 context (the message gives both lengths).
-            TypeError: an unknown keyword.
+            TypeError: an unknown keyword, or a value of the wrong type (the message names it).
             KeyboardInterrupt: Ctrl-C, checked after every step.
         """
-    def generate_ids(
-        self,
-        ids: Sequence[int],
-        *,
-        max_new_tokens: Optional[int] = 256,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        repetition_penalty: Optional[float] = None,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
-        stop_token_ids: Optional[Sequence[int]] = None,
-        ignore_eos: bool = False,
-    ) -> list[int]:
+    def generate_ids(self, ids: Sequence[int], **kwargs: Unpack[GenerateOptions]) -> list[int]:
         """The new token ids after ``ids`` (an end-of-sequence token that ended it included).
 
         Same keywords as ``generate``; ids outside [0, vocab_size) raise ValueError.
         """
-    def stream(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: Optional[int] = 256,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        repetition_penalty: Optional[float] = None,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
-        stop_token_ids: Optional[Sequence[int]] = None,
-        ignore_eos: bool = False,
-    ) -> TextStream:
+    def stream(self, prompt: str, **kwargs: Unpack[GenerateOptions]) -> TextStream:
         """Like ``generate``, as an iterator of text chunks. Argument errors raise here, at once."""
     @property
     def vocab_size(self) -> int: ...
