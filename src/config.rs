@@ -101,9 +101,13 @@ impl TokenIds {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// NTK-aware base rescaled from the sequence length, as transformers' "dynamic".
-    Dynamic { factor: f64 },
+    Dynamic {
+        factor: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -247,7 +251,8 @@ impl GraniteConfig {
             (None, Some(d)) => ("torch_dtype", d.as_str()),
             (None, None) => return Ok(DType::F32),
         };
-        parse_dtype(name).map_err(|_| Error::config(field, format!("`{name}` is not supported (float32, bfloat16, float16)")))
+        parse_dtype(name)
+            .ok_or_else(|| Error::config(field, format!("`{name}` is not supported (float32, bfloat16, float16)")))
     }
 
     /// End-of-sequence ids from config.json.
@@ -320,12 +325,12 @@ impl GraniteConfig {
 }
 
 /// A dtype by its torch or short name.
-pub fn parse_dtype(name: &str) -> std::result::Result<DType, ()> {
+pub fn parse_dtype(name: &str) -> Option<DType> {
     match name {
-        "float32" | "f32" | "fp32" | "float" => Ok(DType::F32),
-        "bfloat16" | "bf16" => Ok(DType::BF16),
-        "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
-        _ => Err(()),
+        "float32" | "f32" | "fp32" | "float" => Some(DType::F32),
+        "bfloat16" | "bf16" => Some(DType::BF16),
+        "float16" | "f16" | "fp16" | "half" => Some(DType::F16),
+        _ => None,
     }
 }
 

@@ -18,10 +18,7 @@ fn linear(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) 
 
 /// Several HF projections that read the same input, stacked into one matmul.
 fn fused_linear(w: &Weights, prefixes: &[(&str, usize)], in_dim: usize, bias: bool) -> Result<Linear> {
-    let parts = prefixes
-        .iter()
-        .map(|(p, out_dim)| linear(w, p, *out_dim, in_dim, bias))
-        .collect::<Result<Vec<_>>>()?;
+    let parts = prefixes.iter().map(|(p, out_dim)| linear(w, p, *out_dim, in_dim, bias)).collect::<Result<Vec<_>>>()?;
     let weights: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
     let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias()).collect();
     let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
@@ -60,7 +57,13 @@ impl Attention {
     }
 
     /// x: (b, t, hidden) -> (b, t, hidden). `mask`: (t, start + t) additive, None when t == 1.
-    fn forward(&self, x: &Tensor, cs: &(Tensor, Tensor), mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cs: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(x)?; // (b, t, (nh + 2 nkv) hd)
@@ -147,7 +150,13 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cs: &(Tensor, Tensor), mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cs: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
         let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cs, mask, cache)?;
         let x = (x + attn.affine(self.residual_multiplier, 0.0)?)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;

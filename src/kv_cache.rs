@@ -70,9 +70,4 @@ impl KvCache {
     pub fn advance(&mut self, t: usize) {
         self.len += t;
     }
-
-    /// Forgets every position from `len` on.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
 }

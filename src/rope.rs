@@ -34,9 +34,7 @@ impl RotaryEmbedding {
             RopeScaling::Linear { factor } => factor,
             _ => 1.0,
         };
-        (0..self.head_dim / 2)
-            .map(|i| (1.0 / base.powf((2 * i) as f64 / dim) / divide) as f32)
-            .collect()
+        (0..self.head_dim / 2).map(|i| (1.0 / base.powf((2 * i) as f64 / dim) / divide) as f32).collect()
     }
 
     /// cos and sin, each (len, head_dim / 2), for positions start..start + len.

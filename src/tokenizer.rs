@@ -12,8 +12,8 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(Error::NotFound { what: "tokenizer file", path: path.into() });
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self(inner))
     }
 
@@ -23,15 +23,6 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         Ok(self.0.decode(ids, skip_special_tokens)?)
-    }
-
-    /// Ids of the tokenizer's vocabulary, added tokens included.
-    pub fn vocab_size(&self) -> usize {
-        self.0.get_vocab_size(true)
-    }
-
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.0.token_to_id(token)
     }
 }
 
@@ -50,7 +41,14 @@ pub struct TextStream {
 
 impl TextStream {
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
-        Self { tokenizer, window: Vec::new(), prefix: String::new(), prefix_index: 0, ids: Vec::new(), text: String::new() }
+        Self {
+            tokenizer,
+            window: Vec::new(),
+            prefix: String::new(),
+            prefix_index: 0,
+            ids: Vec::new(),
+            text: String::new(),
+        }
     }
 
     /// Adds a token; returns the text it completes, if any.

@@ -29,8 +29,7 @@ fn open(path: &Path) -> Result<MmapedSafetensors> {
         return Err(Error::NotFound { what: "weights file", path: path.into() });
     }
     // SAFETY: the map is read-only; like every mmap reader we rely on nobody truncating the file under us.
-    unsafe { MmapedSafetensors::new(path) }
-        .map_err(|e| Error::Safetensors { path: path.into(), reason: e.to_string() })
+    unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Safetensors { path: path.into(), reason: e.to_string() })
 }
 
 impl Weights {
@@ -80,7 +79,11 @@ impl Weights {
         let bad = |e: candle_core::Error| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {e}") };
         let view = st.get(name).map_err(bad)?;
         if view.shape() != shape {
-            return Err(Error::WeightShape { name: name.into(), expected: shape.to_vec(), found: view.shape().to_vec() });
+            return Err(Error::WeightShape {
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
         }
         let tensor = view.load(&self.device).map_err(bad)?;
         if !tensor.dtype().is_float() {

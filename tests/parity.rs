@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use granite_rs::{Granite, GraniteConfig, Logits};
 use granite_rs::weights::Weights;
+use granite_rs::{Granite, GraniteConfig, Logits};
 
 const CASES: [&str; 8] =
     ["mha_tied", "gqa_untied", "mqa_bias", "rope_linear", "rope_dynamic", "bf16", "sharded", "llama_like"];
@@ -24,7 +24,12 @@ struct Reference {
 fn reference(case: &str) -> Reference {
     let r = candle_core::safetensors::load(fixture(case).join("reference.safetensors"), &Device::Cpu).unwrap();
     let ids = |name: &str| r[name].to_vec1::<i64>().unwrap().into_iter().map(|i| i as u32).collect();
-    Reference { input_ids: ids("input_ids"), logits: r["logits"].clone(), greedy_ids: ids("greedy_ids"), step_logits: r["step_logits"].clone() }
+    Reference {
+        input_ids: ids("input_ids"),
+        logits: r["logits"].clone(),
+        greedy_ids: ids("greedy_ids"),
+        step_logits: r["step_logits"].clone(),
+    }
 }
 
 fn load(case: &str, dtype: DType) -> Granite {

@@ -25,7 +25,8 @@ fn device(name: &str) -> Result<Device> {
     };
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::Unsupported(
-            "this build of granite-rs has no CUDA support; build it with `maturin build --release --features cuda`".into(),
+            "this build of granite-rs has no CUDA support; build it with `maturin build --release --features cuda`"
+                .into(),
         ));
     }
     Ok(Device::new_cuda(ordinal)?)
@@ -73,7 +74,11 @@ impl Generator {
     #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None))]
     fn new(py: Python<'_>, model_dir: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
         let dtype = dtype
-            .map(|d| parse_dtype(d).map_err(|_| PyValueError::new_err(format!("dtype must be float32, bfloat16 or float16, got {d:?}"))))
+            .map(|d| {
+                parse_dtype(d).ok_or_else(|| {
+                    PyValueError::new_err(format!("dtype must be float32, bfloat16 or float16, got {d:?}"))
+                })
+            })
             .transpose()?;
         let dev = self::device(device)?;
         let inner = py.detach(|| generate::Generator::load(&model_dir, &dev, dtype))?;
@@ -145,7 +150,11 @@ impl Generator {
         let c = self.inner.config();
         format!(
             "Generator(layers={}, hidden_size={}, vocab_size={}, device={:?}, dtype={:?})",
-            c.num_hidden_layers, c.hidden_size, c.vocab_size, self.device, self.dtype()
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.vocab_size,
+            self.device,
+            self.dtype()
         )
     }
 }

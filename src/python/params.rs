@@ -56,7 +56,9 @@ pub fn generate_params(generator: &Generator, kwargs: Option<&Bound<'_, PyDict>>
             }
             "top_p" => p.sampling.top_p = get(&key, &value)?,
             "repetition_penalty" => p.sampling.repetition_penalty = get(&key, &value)?,
-            "seed" => p.sampling.seed = get::<Option<i128>>(&key, &value)?.map(|s| non_negative("seed", s)).transpose()?,
+            "seed" => {
+                p.sampling.seed = get::<Option<i128>>(&key, &value)?.map(|s| non_negative("seed", s)).transpose()?
+            }
             "stop" if none => p.stop.clear(),
             "stop" => p.stop = stop_strings(&value)?,
             "stop_token_ids" => {
