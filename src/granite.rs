@@ -29,6 +29,15 @@ fn rms_norm(w: &Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
     Ok(RmsNorm::new(w.get(&format!("{name}.weight"), &[size])?, eps))
 }
 
+/// What every layer needs to know about the positions of one forward.
+struct Positions {
+    /// Each (t, head_dim / 2).
+    cos: Tensor,
+    sin: Tensor,
+    /// (t, start + t) additive causal mask; None when t == 1.
+    mask: Option<Tensor>,
+}
+
 struct Attention {
     /// q, k and v projections stacked: (n_heads + 2 * n_kv_heads) * head_dim rows.
     qkv_proj: Linear,
@@ -56,14 +65,8 @@ impl Attention {
         })
     }
 
-    /// x: (b, t, hidden) -> (b, t, hidden). `mask`: (t, start + t) additive, None when t == 1.
-    fn forward(
-        &self,
-        x: &Tensor,
-        cs: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor> {
+    /// x: (b, t, hidden) -> (b, t, hidden).
+    fn forward(&self, x: &Tensor, pos: &Positions, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(x)?; // (b, t, (nh + 2 nkv) hd)
@@ -71,8 +74,8 @@ impl Attention {
             // (b, t, n hd) -> (b, n, t, hd)
             Ok(qkv.narrow(D::Minus1, start * hd, n * hd)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = candle_nn::rotary_emb::rope(&heads(0, nh)?, &cs.0, &cs.1)?;
-        let k = candle_nn::rotary_emb::rope(&heads(nh, nkv)?, &cs.0, &cs.1)?;
+        let q = candle_nn::rotary_emb::rope(&heads(0, nh)?, &pos.cos, &pos.sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(nh, nkv)?, &pos.cos, &pos.sin)?;
         let v = heads(nh + nkv, nkv)?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
@@ -83,7 +86,7 @@ impl Attention {
         let n_rep = nh / nkv;
         let q = (q * self.scale)?.reshape((b, nkv, n_rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?; // (b, nkv, n_rep t, len)
-        let scores = match mask {
+        let scores = match &pos.mask {
             Some(m) => scores.reshape((b, nh, t, len))?.broadcast_add(m)?.reshape((b, nkv, n_rep * t, len))?,
             None => scores,
         };
@@ -150,14 +153,8 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        cs: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cs, mask, cache)?;
+    fn forward(&self, x: &Tensor, pos: &Positions, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, pos, cache)?;
         let x = (x + attn.affine(self.residual_multiplier, 0.0)?)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp.affine(self.residual_multiplier, 0.0)?)?)
@@ -246,12 +243,12 @@ impl Granite {
         if let Some(c) = cache.as_deref_mut() {
             c.reserve(t)?;
         }
-        let cs = self.rotary.cos_sin(start, t)?;
-        let mask = (t > 1).then(|| self.causal_mask(start, t)).transpose()?;
+        let (cos, sin) = self.rotary.cos_sin(start, t)?;
+        let pos = Positions { cos, sin, mask: (t > 1).then(|| self.causal_mask(start, t)).transpose()? };
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         x = x.affine(self.cfg.embedding_multiplier(), 0.0)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &cs, mask.as_ref(), cache.as_deref_mut().map(|c| (c, i)))?;
+            x = layer.forward(&x, &pos, cache.as_deref_mut().map(|c| (c, i)))?;
         }
         if let Some(c) = cache {
             c.advance(t);
