@@ -182,9 +182,15 @@ def build_case(out: Path, name: str, tok: Tokenizer, seed: int) -> None:
 
 
 def sampling_reference(out: Path) -> None:
-    """transformers' logits processors on fixed scores, for tests of our own."""
+    """transformers' logits processors on fixed scores, for tests of our own.
+
+    `cases` runs one processor each; `pipelines` runs the list transformers' own
+    `_get_logits_processor` builds from a GenerationConfig, so its order is pinned down too.
+    """
+    from transformers import LogitsProcessorList
     from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     g = torch.Generator().manual_seed(7)
@@ -199,23 +205,190 @@ def sampling_reference(out: Path) -> None:
         ("top_p", 0.9, TopPLogitsWarper(0.9)),
         ("top_p", 0.3, TopPLogitsWarper(0.3)),
         ("top_p", 0.01, TopPLogitsWarper(0.01)),
+        ("min_p", 0.05, MinPLogitsWarper(0.05)),
+        ("min_p", 0.3, MinPLogitsWarper(0.3)),
+        ("min_p", 1.0, MinPLogitsWarper(1.0)),
     ]
-    ref = {"scores": scores[0].tolist(), "context": context[0].tolist(), "cases": []}
+    ref = {"scores": scores[0].tolist(), "context": context[0].tolist(), "cases": [], "pipelines": []}
     for name, value, processor in cases:
         result = processor(context, scores.clone())[0]
-        expected = [None if x == float("-inf") else x for x in result.tolist()]
-        ref["cases"].append({"name": name, "value": value, "expected": expected})
+        ref["cases"].append({"name": name, "value": value, "expected": finite_or_none(result)})
+
+    # A tiny model only to call GenerationMixin._get_logits_processor, which picks and orders them.
+    config = GraniteConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)
+    model = GraniteForCausalLM(config)
+    pipelines = [
+        {"do_sample": True, "temperature": 0.5, "top_p": 0.9},
+        {"do_sample": True, "temperature": 2.0, "top_p": 0.9},
+        {"do_sample": True, "temperature": 1.5, "top_k": 20, "top_p": 0.95, "min_p": 0.05,
+         "repetition_penalty": 1.3},
+        {"do_sample": True, "temperature": 3.0, "top_p": 0.5, "min_p": 0.3},
+        {"do_sample": False, "repetition_penalty": 1.3},
+    ]
+    for params in pipelines:
+        processors = model._get_logits_processor(
+            generation_config=GenerationConfig(**params), input_ids_seq_length=context.shape[1],
+            encoder_input_ids=context, logits_processor=LogitsProcessorList(), device="cpu", model_kwargs={},
+        )
+        names = [type(p).__name__ for p in processors]
+        result = processors(context, scores.clone())[0]
+        ref["pipelines"].append({"params": params, "processors": names, "expected": finite_or_none(result)})
     (out / "sampling_reference.json").write_text(json.dumps(ref) + "\n")
+
+
+def finite_or_none(scores: torch.Tensor) -> list:
+    return [None if x == float("-inf") else x for x in scores.tolist()]
+
+
+# Modelled on IBM granite-3.1-*-instruct's template, without its `strftime_now` date (the reference must
+# not change from day to day): system default, tools/documents/controls branches, roles, loop.last.
+GRANITE_3X_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'].strip() %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "Knowledge Cutoff Date: April 2024.
+You are Granite, developed by IBM." %}
+    {%- if tools and documents %}
+        {%- set system_message = system_message + " You are a helpful AI assistant with access to the following tools." %}
+    {%- elif tools %}
+        {%- set system_message = system_message + " You are a helpful AI assistant with access to the following tools. When a tool is required to answer the user's query, respond with <|tool_call|> followed by a JSON list of tools used." %}
+    {%- elif documents %}
+        {%- set system_message = system_message + " Write the response to the user's input by strictly aligning with the facts in the provided documents." %}
+    {%- else %}
+        {%- set system_message = system_message + " You are a helpful AI assistant." %}
+    {%- endif %}
+    {%- if 'citations' in controls and documents %}
+        {%- set system_message = system_message + '
+
+In your response, use the symbols <co> and </co> to indicate when a fact comes from a document.' %}
+    {%- endif %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- '<|start_of_role|>system<|end_of_role|>' + system_message + '<|end_of_text|>
+' }}
+{%- if tools %}
+    {{- '<|start_of_role|>tools<|end_of_role|>' }}
+    {{- tools | tojson(indent=4) }}
+    {{- '<|end_of_text|>
+' }}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'assistant' and message['content'].startswith('<|tool_call|>') %}
+        {{- '<|start_of_role|>assistant<|end_of_role|><|tool_call|>' + message['content'][13:].strip() + '<|end_of_text|>
+' }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- '<|start_of_role|>assistant<|end_of_role|>' + message['content'].strip() + '<|end_of_text|>
+' }}
+    {%- else %}
+        {{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content'] + '<|end_of_text|>
+' }}
+    {%- endif %}
+    {%- if loop.last and add_generation_prompt %}
+        {{- '<|start_of_role|>assistant' }}
+        {%- if controls %}
+            {{- ' ' + controls | tojson() }}
+        {%- endif %}
+        {{- '<|end_of_role|>' }}
+    {%- endif %}
+{%- endfor %}"""
+
+# Plain `{% %}` tags on indented lines (trim_blocks / lstrip_blocks decide the whitespace), namespace,
+# a filtered loop, Python string methods, tojson, a printed bool, special tokens, and a trailing newline
+# that Jinja drops.
+FEATURES_TEMPLATE = """{{ bos_token }}
+{% set ns = namespace(system='', turns=0) %}
+{% for message in messages %}
+    {% if message.role == 'system' %}
+        {% set ns.system = message.content.strip() %}
+    {% endif %}
+{% endfor %}
+{% if ns.system %}
+<<SYS>> {{ ns.system | tojson }} <</SYS>>
+{% endif %}
+{% for message in messages if message.role != 'system' %}
+    {% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {% endif %}
+    {% set ns.turns = ns.turns + 1 %}
+    [{{ loop.index }}/{{ loop.length }}] {{ message.role.upper() }}: {{ message.content | trim }}
+    {% if message.role == 'assistant' %}{{ eos_token }}{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+[ASSISTANT]
+{% endif %}
+turns={{ ns.turns }} words={{ (messages | last).content.split() | length }} \
+starts={{ messages[0].content.startswith('You') }} first={{ messages[0] | tojson(indent=2) }}
+all={{ messages | tojson }}
+{{ messages | map(attribute='role') | join(',') }} {{ messages[-1]['content'].replace(' ', '_') }}
+"""
+
+# transformers' `tojson` is `json.dumps`: separators, indent, sort_keys, ensure_ascii, float repr, escapes.
+TOJSON_TEMPLATE = """{{ messages | tojson(indent=2) }}
+{{ messages[-1] | tojson(ensure_ascii=true) }}
+{{ messages[0] | tojson(sort_keys=true, separators=(',', ':')) }}
+{{ {'n': 3, 'x': 1.5, 'big': 1e20, 'small': 0.00001, 'f': 2.0, 'ok': true, 'no': none, 'e': [], 'd': {}} | tojson }}
+{{ {'nested': {'a': [1, [2, {}]], 'b': 'é'}} | tojson(indent=4) }}
+{{ 'a "quoted"\tstring' | tojson }} {{ add_generation_prompt | tojson }} {{ add_generation_prompt }} {{ none }}
+{% for k, v in messages[0].items() %}{{ k }}={{ v | length }};{% endfor %}
+{{ 1.0 }} {{ 1e20 }} {{ 3 / 2 }} {{ 1e-7 }} {{ 7 // 2 }} {{ [1, 'a', "it's", none, true] }} {{ messages[0] }}
+"""
+
+CHAT_CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "You are a terse assistant.  "},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "  4\n"},
+        {"role": "user", "content": "And 3 + 3?"},
+    ],
+    [
+        {"role": "user", "content": "Traduis : « où est la bibliothèque ? » 你好，世界 🦊"},
+        {"role": "assistant", "content": "Voilà — \"quotes\", a back\\slash,\ta tab\nand a new line. 🚀"},
+        {"role": "user", "content": "Merci ! ✨"},
+    ],
+    [{"role": "system", "content": "Système : réponds en français."}, {"role": "user", "content": "Bonjour"}],
+    [{"role": "user", "content": "bell\u0007 del\u007f unit\u001f fox 🦊 é\r\n"}],
+]
+
+
+def chat_reference(out: Path) -> None:
+    """Chat templates rendered by transformers' own renderer (`apply_chat_template`, tokenize=False)."""
+    from transformers import AutoTokenizer
+
+    templates = [("mha_tied", None), ("gqa_untied", None), ("mha_tied", GRANITE_3X_TEMPLATE),
+                 ("gqa_untied", FEATURES_TEMPLATE), ("mha_tied", TOJSON_TEMPLATE)]
+    cases = []
+    for fixture, template in templates:
+        tok = AutoTokenizer.from_pretrained(out / fixture)
+        for messages in CHAT_CONVERSATIONS:
+            for add_generation_prompt in (False, True):
+                expected = tok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+                )
+                cases.append(dict(template=template, fixture=fixture, messages=messages,
+                                  add_generation_prompt=add_generation_prompt, expected=expected))
+    (out / "chat_reference.json").write_text(json.dumps({"cases": cases}, ensure_ascii=False, indent=1) + "\n")
+    print(f"chat_reference: {len(cases)} cases")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
+    parser.add_argument("--only", choices=["chat", "sampling"],
+                        help="write only this reference, from the fixtures already built")
     args = parser.parse_args()
+    if args.only == "chat":
+        chat_reference(args.out)
+        return
+    if args.only == "sampling":
+        sampling_reference(args.out)
+        return
     tok = train_tokenizer()
     for seed, name in enumerate(CASES):
         build_case(args.out, name, tok, seed)
     sampling_reference(args.out)
+    chat_reference(args.out)
 
 
 if __name__ == "__main__":

@@ -350,6 +350,8 @@ pub struct GenerationDefaults {
     #[serde(default)]
     pub repetition_penalty: Option<f64>,
     #[serde(default)]
+    pub min_p: Option<f64>,
+    #[serde(default)]
     pub max_new_tokens: Option<usize>,
 }
 
@@ -374,7 +376,8 @@ impl GenerationDefaults {
             top_k: self.top_k,
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
-            seed: None,
+            min_p: self.min_p,
+            ..Default::default()
         }
     }
 

@@ -43,6 +43,10 @@ pub enum Error {
     #[error("numerical error: {0}")]
     Numerical(String),
 
+    /// The caller cancelled the work (a flag set from another thread).
+    #[error("cancelled")]
+    Cancelled,
+
     #[error("unsupported: {0}")]
     Unsupported(String),
 

@@ -1,5 +1,7 @@
 //! The Granite decoder: Llama with four scalars (embedding, residual, attention, logits).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, RmsNorm};
 
@@ -31,10 +33,10 @@ fn rms_norm(w: &Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
 
 /// What every layer needs to know about the positions of one forward.
 struct Positions {
-    /// Each (t, head_dim / 2).
+    /// Each (t, head_dim / 2), or per row (b, t, head_dim / 2).
     cos: Tensor,
     sin: Tensor,
-    /// (t, start + t) additive causal mask; None when t == 1.
+    /// Additive causal mask, (t, start + t) or per row (b, 1, t, start + t); None for one query.
     mask: Option<Tensor>,
 }
 
@@ -161,6 +163,15 @@ impl DecoderLayer {
     }
 }
 
+/// How a forward runs beyond its inputs.
+#[derive(Default)]
+pub struct ForwardOptions<'a> {
+    /// Per row, how many pad tokens precede its text (empty: no padding).
+    pub left_pad: &'a [usize],
+    /// Checked before each layer; once set the forward returns `Error::Cancelled`.
+    pub cancel: Option<&'a AtomicBool>,
+}
+
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Logits {
@@ -224,30 +235,60 @@ impl Granite {
         KvCache::new(c.num_hidden_layers, batch, c.num_kv_heads(), c.head_dim(), capacity, self.dtype, &self.device)
     }
 
-    /// (t, start + t) additive causal mask: query i sees keys 0..=start + i.
-    fn causal_mask(&self, start: usize, t: usize) -> Result<Tensor> {
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..start + t).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+    /// Additive causal mask: query i sees keys 0..=start + i, less the pad keys of its row (a pad
+    /// query sees itself, to keep its softmax finite). (t, start + t) without padding, else
+    /// (b, 1, t, start + t). None for a single unpadded query.
+    fn causal_mask(&self, start: usize, t: usize, left_pad: &[usize]) -> Result<Option<Tensor>> {
+        let padded = left_pad.iter().any(|p| *p > 0);
+        if t == 1 && !padded {
+            return Ok(None);
+        }
+        let rows: &[usize] = if padded { left_pad } else { &[0] };
+        let len = start + t;
+        let mask: Vec<f32> = rows
+            .iter()
+            .flat_map(|&pad| (0..t).flat_map(move |i| (0..len).map(move |j| (pad, start + i, j))))
+            .map(|(pad, q, j)| if j <= q && (j >= pad || j == q) { 0.0 } else { f32::NEG_INFINITY })
             .collect();
-        Ok(Tensor::from_vec(mask, (t, start + t), &self.device)?.to_dtype(self.dtype)?)
+        let mask = Tensor::from_vec(mask, (rows.len(), 1, t, len), &self.device)?;
+        let mask = if padded { mask } else { mask.squeeze(0)?.squeeze(0)? };
+        Ok(Some(mask.to_dtype(self.dtype)?))
     }
 
-    /// ids: (b, t) u32, continuing the sequence in `cache` (or a fresh one without it).
+    /// ids: (b, t) u32, continuing the sequences in `cache` (or fresh ones without it).
     /// Returns f32 logits (b, t, vocab) for `Logits::All`, (b, 1, vocab) for `Logits::Last`.
-    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, which: Logits) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, which: Logits) -> Result<Tensor> {
+        self.forward_with(ids, cache, which, &ForwardOptions::default())
+    }
+
+    /// `forward` for left-padded batches, stopping between layers once `cancel` is set.
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        which: Logits,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t == 0 {
             return Err(Error::invalid("cannot run the model on an empty sequence"));
+        }
+        if !opts.left_pad.is_empty() && opts.left_pad.len() != b {
+            return Err(Error::invalid(format!("left_pad has {} rows for a batch of {b}", opts.left_pad.len())));
         }
         let start = cache.as_ref().map_or(0, |c| c.len());
         if let Some(c) = cache.as_deref_mut() {
             c.reserve(t)?;
         }
-        let (cos, sin) = self.rotary.cos_sin(start, t)?;
-        let pos = Positions { cos, sin, mask: (t > 1).then(|| self.causal_mask(start, t)).transpose()? };
+        let (cos, sin) = self.rotary.cos_sin(start, t, opts.left_pad)?;
+        let pos = Positions { cos, sin, mask: self.causal_mask(start, t, opts.left_pad)? };
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         x = x.affine(self.cfg.embedding_multiplier(), 0.0)?;
         for (i, layer) in self.layers.iter().enumerate() {
+            // A cancelled forward leaves the cache length as it was: what it wrote is overwritten later.
+            if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Error::Cancelled);
+            }
             x = layer.forward(&x, &pos, cache.as_deref_mut().map(|c| (c, i)))?;
         }
         if let Some(c) = cache {

@@ -66,6 +66,17 @@ impl KvCache {
         Ok((self.k[layer].narrow(2, 0, self.len + t)?, self.v[layer].narrow(2, 0, self.len + t)?))
     }
 
+    /// Forgets every position from `len` on (the storage stays for reuse).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// A deep copy that shares no storage with `self`.
+    pub fn try_clone(&self) -> Result<Self> {
+        let copy = |ts: &[Tensor]| ts.iter().map(Tensor::copy).collect::<candle_core::Result<Vec<_>>>();
+        Ok(Self { k: copy(&self.k)?, v: copy(&self.v)?, len: self.len })
+    }
+
     /// Marks `t` more positions as filled, once every layer has appended them.
     pub fn advance(&mut self, t: usize) {
         self.len += t;

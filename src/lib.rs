@@ -1,21 +1,28 @@
 //! granite-rs: IBM Granite decoder LLMs on candle.
 
+pub mod batch;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod generation;
 pub mod granite;
 pub mod kv_cache;
 pub mod rope;
 pub mod sampling;
+pub mod session;
 pub mod tokenizer;
 pub mod weights;
 
 #[cfg(feature = "python")]
 mod python;
 
+pub use batch::{generate_batch, BatchOutput};
 pub use config::GraniteConfig;
 pub use error::{Error, Result};
-pub use generate::{FinishReason, GenerateParams, Generation, Generator};
-pub use granite::{Granite, Logits};
+pub use generate::{FinishReason, GenerateParams, Generator};
+pub use generation::{Generation, Timings, TokenLogprob};
+pub use granite::{ForwardOptions, Granite, Logits};
 pub use kv_cache::KvCache;
 pub use sampling::SamplingParams;
+pub use session::Session;

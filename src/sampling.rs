@@ -1,5 +1,9 @@
-//! Next-token choice with transformers' processors, in its order: repetition penalty, then
-//! (sampling only) temperature, top-k, top-p.
+//! Next-token choice with transformers' processors, in its order (`_get_logits_processor`):
+//! repetition penalty, then presence and frequency penalties, then (sampling only) temperature,
+//! top-k, top-p, min-p.
+//!
+//! transformers has no presence or frequency penalty; they follow OpenAI and vLLM, counting the
+//! generated tokens only, and are applied right after the repetition penalty as vLLM does.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -14,19 +18,38 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     /// None or 1.0: off.
     pub top_p: Option<f64>,
+    /// Keeps the tokens at least `min_p` times as likely as the most likely one, in [0, 1].
+    /// None or 0: off.
+    pub min_p: Option<f64>,
     /// None or 1.0: off.
     pub repetition_penalty: Option<f64>,
+    /// Subtracted once from every token generated so far, in [-2, 2]. None or 0: off.
+    pub presence_penalty: Option<f64>,
+    /// Subtracted from every token generated so far once per time it was, in [-2, 2].
+    /// None or 0: off.
+    pub frequency_penalty: Option<f64>,
     /// Makes sampling reproducible; None draws a seed from the OS.
     pub seed: Option<u64>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { do_sample: false, temperature: 1.0, top_k: None, top_p: None, repetition_penalty: None, seed: None }
+        Self {
+            do_sample: false,
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repetition_penalty: None,
+            presence_penalty: None,
+            frequency_penalty: None,
+            seed: None,
+        }
     }
 }
 
 impl SamplingParams {
+    /// Every check names its parameter; NaN fails all of them.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
         if !t.is_finite() || t < 0.0 || (self.do_sample && t == 0.0) {
@@ -37,9 +60,23 @@ impl SamplingParams {
                 return Err(Error::invalid(format!("top_p must be in (0, 1], got {p}")));
             }
         }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::invalid(format!("min_p must be in [0, 1], got {p}")));
+            }
+        }
         if let Some(r) = self.repetition_penalty {
             if !(r.is_finite() && r > 0.0) {
                 return Err(Error::invalid(format!("repetition_penalty must be a positive number, got {r}")));
+            }
+        }
+        for (name, value) in
+            [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        {
+            if let Some(v) = value {
+                if !(-2.0..=2.0).contains(&v) {
+                    return Err(Error::invalid(format!("{name} must be in [-2, 2], got {v}")));
+                }
             }
         }
         Ok(())
@@ -61,28 +98,52 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
-    /// Picks the next token from `logits` (vocab,), given every token so far.
-    pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> Result<u32> {
-        if logits.iter().any(|x| x.is_nan()) {
-            return Err(Error::Numerical("the model produced NaN logits".into()));
-        }
-        if let Some(penalty) = self.params.repetition_penalty.filter(|p| *p != 1.0) {
-            repetition_penalty(logits, context, penalty as f32);
-        }
+    /// Picks the next token from `logits` (vocab,), given the prompt and the tokens generated
+    /// after it. The repetition penalty counts both; presence and frequency penalties only
+    /// `generated`.
+    ///
+    /// On return `logits` holds the processed scores the token was picked from, as transformers'
+    /// `output_scores` (masked tokens at -inf; penalties only when greedy): `log_softmax` of them
+    /// gives the log-probabilities of the distribution sampled. Clone `logits` first for raw ones.
+    pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) -> Result<u32> {
+        self.process(logits, prompt, generated)?;
         if !self.params.do_sample {
             return Ok(argmax(logits));
         }
-        if self.params.temperature != 1.0 {
-            let t = self.params.temperature as f32;
+        Ok(self.draw(&softmax(logits)))
+    }
+
+    /// Applies every processor in order, without picking.
+    fn process(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) -> Result<()> {
+        if logits.iter().any(|x| x.is_nan()) {
+            return Err(Error::Numerical("the model produced NaN logits".into()));
+        }
+        let p = &self.params;
+        if let Some(penalty) = p.repetition_penalty.filter(|p| *p != 1.0) {
+            repetition_penalty_split(logits, prompt, generated, penalty as f32);
+        }
+        let presence = p.presence_penalty.unwrap_or(0.0);
+        let frequency = p.frequency_penalty.unwrap_or(0.0);
+        if presence != 0.0 || frequency != 0.0 {
+            presence_frequency_penalty(logits, generated, presence as f32, frequency as f32);
+        }
+        if !p.do_sample {
+            return Ok(());
+        }
+        if p.temperature != 1.0 {
+            let t = p.temperature as f32;
             logits.iter_mut().for_each(|x| *x /= t);
         }
-        if let Some(k) = self.params.top_k.filter(|k| *k > 0) {
+        if let Some(k) = p.top_k.filter(|k| *k > 0) {
             top_k(logits, k);
         }
-        if let Some(p) = self.params.top_p.filter(|p| *p < 1.0) {
-            top_p(logits, p as f32);
+        if let Some(top) = p.top_p.filter(|p| *p < 1.0) {
+            top_p(logits, top as f32);
         }
-        Ok(self.draw(&softmax(logits)))
+        if let Some(m) = p.min_p.filter(|m| *m > 0.0) {
+            min_p(logits, m as f32);
+        }
+        Ok(())
     }
 
     fn draw(&mut self, probs: &[f32]) -> u32 {
@@ -112,14 +173,34 @@ pub fn argmax(xs: &[f32]) -> u32 {
 
 /// transformers' RepetitionPenaltyLogitsProcessor: seen tokens' scores shrink toward less likely.
 pub fn repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
+    repetition_penalty_split(logits, context, &[], penalty)
+}
+
+fn repetition_penalty_split(logits: &mut [f32], prompt: &[u32], generated: &[u32], penalty: f32) {
     let mut seen = vec![false; logits.len()];
-    for &id in context {
+    for &id in prompt.iter().chain(generated) {
         if let Some(s) = seen.get_mut(id as usize) {
             *s = true;
         }
     }
     for (x, _) in logits.iter_mut().zip(&seen).filter(|(_, s)| **s) {
         *x = if *x < 0.0 { *x * penalty } else { *x / penalty };
+    }
+}
+
+/// OpenAI's and vLLM's penalties over the generated tokens:
+/// `logits[t] -= frequency * count[t] + presence * (count[t] > 0)`.
+pub fn presence_frequency_penalty(logits: &mut [f32], generated: &[u32], presence: f32, frequency: f32) {
+    let mut counts = vec![0u32; logits.len()];
+    for &id in generated {
+        if let Some(c) = counts.get_mut(id as usize) {
+            *c += 1;
+        }
+    }
+    for (x, &c) in logits.iter_mut().zip(&counts).filter(|(_, c)| **c > 0) {
+        // Two steps, as vLLM subtracts them.
+        *x -= frequency * c as f32;
+        *x -= presence;
     }
 }
 
@@ -150,9 +231,33 @@ pub fn top_p(logits: &mut [f32], p: f32) {
     }
 }
 
+/// transformers' MinPLogitsWarper: masks the tokens less likely than `p` times the most likely
+/// one. The most likely always stays (p <= 1), so its min_tokens_to_keep = 1 changes nothing.
+pub fn min_p(logits: &mut [f32], p: f32) {
+    let probs = softmax(logits);
+    let threshold = p * probs.iter().copied().fold(0.0, f32::max);
+    for (x, prob) in logits.iter_mut().zip(probs) {
+        if prob < threshold {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exps: Vec<f32> = logits.iter().map(|x| (x - max).exp()).collect();
     let sum: f32 = exps.iter().sum();
     exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// Log-probabilities `x - max - ln(sum(exp(x - max)))`, stable for any finite scores; masked
+/// (-inf) scores stay -inf. The sum is taken in f64.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return vec![f32::NEG_INFINITY; logits.len()];
+    }
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_sum = sum.ln() as f32;
+    logits.iter().map(|&x| x - max - log_sum).collect()
 }

@@ -120,3 +120,62 @@ impl StopStrings {
             .unwrap_or(0)
     }
 }
+
+/// Tokens in, certain text out: a `TextStream` filtered through `StopStrings`.
+pub struct StoppingText {
+    text: TextStream,
+    stops: StopStrings,
+    /// Certain text not yet taken.
+    ready: String,
+    done: bool,
+}
+
+impl StoppingText {
+    pub fn new(tokenizer: Arc<Tokenizer>, stops: Vec<String>) -> Self {
+        Self { text: TextStream::new(tokenizer), stops: StopStrings::new(stops), ready: String::new(), done: false }
+    }
+
+    /// Adds a token; returns true when its text completes a stop string (the end of the text).
+    pub fn push(&mut self, token: u32) -> Result<bool> {
+        if !self.done {
+            if let Some(text) = self.text.push(token)? {
+                self.add(&text);
+            }
+        }
+        Ok(self.done)
+    }
+
+    /// No more tokens: releases all that was held back. Returns true if a stop string ended it.
+    pub fn finish(&mut self) -> Result<bool> {
+        if self.done {
+            return Ok(true);
+        }
+        if let Some(rest) = self.text.finish()? {
+            self.add(&rest);
+        }
+        let stopped = self.done;
+        self.ready.push_str(&self.stops.finish());
+        self.done = true;
+        Ok(stopped)
+    }
+
+    fn add(&mut self, text: &str) {
+        let (certain, stopped) = self.stops.push(text);
+        self.ready.push_str(&certain);
+        self.done |= stopped;
+    }
+
+    /// The certain text since the last call.
+    pub fn take(&mut self) -> String {
+        std::mem::take(&mut self.ready)
+    }
+
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Whether all text has been released (it may still wait in `take`).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}

@@ -1,29 +1,31 @@
 """Type stubs and user documentation for the native module."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
-from typing import Literal, Optional, Union, final, type_check_only
+from typing import Literal, Optional, Union, final, overload, type_check_only
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import TypedDict, Unpack
+from typing_extensions import TypedDict, Unpack, disjoint_base
 
-__all__ = ["Generator", "GraniteError", "TextStream", "__version__"]
+__all__ = ["GenerationResult", "Generator", "GraniteError", "Session", "TextStream", "_Generates", "__version__"]
 __version__: str
 
-class GraniteError(Exception):
-    """A model that cannot be loaded or run: bad config, weights or tokenizer, numerical failure.
+# A chat message: {"role": "system" | "user" | "assistant" | ..., "content": str}.
+_Message = Mapping[str, str]
 
-    Missing files raise ``FileNotFoundError`` and bad arguments ``ValueError`` instead.
+class GraniteError(Exception):
+    """A model that cannot be loaded or run: bad config, weights, tokenizer or chat template,
+    numerical failure. Missing files raise ``FileNotFoundError`` and bad arguments ``ValueError``.
     """
 
 @type_check_only
 class GenerateOptions(TypedDict, total=False):
-    """Keywords of ``generate``, ``generate_ids`` and ``stream``; transformers' names and meaning.
+    """Keywords of every generating method; transformers' names and meaning.
 
     A keyword left out takes its value from the model's generation_config.json, else the default
-    below. Processors run in transformers' order: repetition_penalty, then, when sampling,
-    temperature, top_k, top_p.
+    below. Processors run in transformers' order: repetition_penalty, presence_penalty and
+    frequency_penalty, then, when sampling, temperature, top_k, top_p, min_p.
     """
 
     max_new_tokens: Optional[int]
@@ -36,8 +38,14 @@ class GenerateOptions(TypedDict, total=False):
     """Sample among the k most likely tokens only; None or 0: off."""
     top_p: Optional[float]
     """Sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; None: off."""
+    min_p: Optional[float]
+    """In [0, 1]: drop tokens less likely than min_p times the most likely one; None: off."""
     repetition_penalty: Optional[float]
     """> 0; above 1 makes tokens already in the sequence less likely (greedy too); None: off."""
+    presence_penalty: Optional[float]
+    """In [-2, 2]: subtracted once from the logit of every token already generated (as OpenAI)."""
+    frequency_penalty: Optional[float]
+    """In [-2, 2]: subtracted from a token's logit once per time it was generated (as OpenAI)."""
     seed: Optional[int]
     """In [0, 2**64): makes sampling reproducible, whatever other calls or threads do."""
     stop: Union[str, Sequence[str], None]
@@ -46,17 +54,23 @@ class GenerateOptions(TypedDict, total=False):
     """Token ids that end the generation (finish reason "stop")."""
     ignore_eos: bool
     """Keep going past end-of-sequence tokens (default False)."""
+    top_logprobs: int
+    """With ``details=True``: also report this many most likely alternatives per token."""
 
 @final
 class TextStream(Iterator[str]):
     """Text chunks of one generation, each yielded as soon as it is certain.
 
-    ``"".join(stream)`` equals what ``Generator.generate`` returns for the same arguments.
-    Dropping the iterator (``break``) stops the work.
+    ``"".join(stream)`` equals what ``generate`` returns for the same arguments; a chunk never
+    ends in half a character, and only text that could still become a stop string is held back.
+    Dropping the iterator (``break``) stops the work; ``cancel()`` stops it from any thread
+    within one layer's forward, after which the iterator ends.
     """
 
     def __iter__(self) -> TextStream: ...
     def __next__(self) -> str: ...
+    def cancel(self) -> None:
+        """Stops the work (from any thread) within one layer's forward; the iterator then ends."""
     @property
     def token_ids(self) -> list[int]:
         """The new token ids generated so far."""
@@ -65,26 +79,81 @@ class TextStream(Iterator[str]):
         """Why the generation ended, or None while it runs."""
 
 @final
-class Generator:
+class GenerationResult:
+    """What ``generate(..., details=True)`` and ``chat(..., details=True)`` return."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def token_ids(self) -> list[int]:
+        """The new token ids (an end-of-sequence token that ended the generation included)."""
+    @property
+    def finish_reason(self) -> Optional[Literal["eos", "stop", "length"]]: ...
+    @property
+    def logprobs(self) -> list[float]:
+        """Each new token's log-probability under the model, before any sampling processor."""
+    @property
+    def top_logprobs(self) -> list[list[tuple[int, float]]]:
+        """Per new token, the ``top_logprobs`` most likely (token id, log-probability) pairs."""
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens a session already held, which were not computed again."""
+    @property
+    def time_to_first_token(self) -> float:
+        """Seconds from the start of the call to the first new token."""
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens after the first, per second."""
+
+@disjoint_base
+class _Generates:
+    """The generating methods that ``Generator`` and ``Session`` share."""
+
+    @overload
+    def generate(self, prompt: str, *, details: Literal[False] = False, **kwargs: Unpack[GenerateOptions]) -> str: ...
+    @overload
+    def generate(self, prompt: str, *, details: Literal[True], **kwargs: Unpack[GenerateOptions]) -> GenerationResult: ...
+    def generate_ids(self, ids: Sequence[int], **kwargs: Unpack[GenerateOptions]) -> list[int]:
+        """The new token ids after ``ids`` (an end-of-sequence token that ended it included).
+        Ids outside [0, vocab_size) raise ValueError."""
+    def stream(self, prompt: str, **kwargs: Unpack[GenerateOptions]) -> TextStream:
+        """Like ``generate``, as an iterator of text chunks. Argument errors raise here, at once."""
+    @overload
+    def chat(self, messages: Sequence[_Message], *, details: Literal[False] = False, **kwargs: Unpack[GenerateOptions]) -> str: ...
+    @overload
+    def chat(self, messages: Sequence[_Message], *, details: Literal[True], **kwargs: Unpack[GenerateOptions]) -> GenerationResult: ...
+    def stream_chat(self, messages: Sequence[_Message], **kwargs: Unpack[GenerateOptions]) -> TextStream:
+        """``chat`` as an iterator of text chunks."""
+
+@disjoint_base
+class Generator(_Generates):
     """A Granite (or Llama) model loaded from an HF model directory.
 
     The directory holds ``config.json``, ``tokenizer.json``, ``model.safetensors`` (or shards with
-    ``model.safetensors.index.json``) and optionally ``generation_config.json``, whose values become
-    the defaults of the generation keywords, as in transformers.
+    ``model.safetensors.index.json``), and optionally ``generation_config.json`` (its values become
+    the defaults of the generation keywords, as in transformers) and a chat template
+    (``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.json``).
 
     A Generator is immutable and thread-safe; every call gets its own KV cache, and all model work
     runs with the GIL released.
 
-    Args:
-        model_dir: the model directory.
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (CUDA needs a build with the ``cuda`` feature).
-        dtype: compute dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``; None means float32.
+    ``generate(prompt, **kw)`` returns the new text (the prompt is not repeated), greedy unless
+    ``do_sample``; with ``details=True`` a ``GenerationResult``. Generation ends at an
+    end-of-sequence token (unless ``ignore_eos``), a ``stop`` string, a ``stop_token_ids`` token,
+    ``max_new_tokens`` or the context length. ``chat(messages, **kw)`` renders the chat template
+    with the generation prompt (as transformers' ``apply_chat_template``) and generates from it.
+    Ctrl-C stops a running call within about 50 ms and one layer's forward.
 
     Raises:
         FileNotFoundError: the directory or one of its files is missing.
-        ValueError: a bad ``device`` or ``dtype``.
+        ValueError: a bad ``device``, ``dtype`` or keyword value; an empty prompt; a prompt that
+            does not fit the context (the message gives both lengths); a bad message.
+        TypeError: an unknown keyword, or a value of the wrong type (the message names it).
         GraniteError: a config we cannot honour (the message names the field), a corrupt or
-            mis-shaped weight (named, with both shapes), a tokenizer that does not parse.
+            mis-shaped weight (named, with both shapes), a tokenizer that does not parse, a chat
+            template that fails (or is missing, for ``chat``).
     """
 
     def __new__(
@@ -100,27 +169,16 @@ class Generator:
         """Text of token ids. Raises ValueError for an id outside [0, vocab_size)."""
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """Logits of shape (len(ids), vocab_size) from one uncached forward over ``ids``."""
-    def generate(self, prompt: str, **kwargs: Unpack[GenerateOptions]) -> str:
-        """The new text that follows ``prompt`` (the prompt is not repeated).
+    def apply_chat_template(self, messages: Sequence[_Message], add_generation_prompt: bool = True) -> str:
+        """The chat template's text for ``messages``, as transformers renders it (in a sandbox)."""
+    def generate_batch(self, prompts: Sequence[str], **kwargs: Unpack[GenerateOptions]) -> list[str]:
+        """Generates for all prompts together (left-padded, one forward per step for the batch).
 
-        Greedy unless ``do_sample``; ``GenerateOptions`` documents the keywords. Generation ends
-        at an end-of-sequence token (unless ``ignore_eos``), a ``stop`` string (matched on the
-        text, never included in it), a ``stop_token_ids`` token, ``max_new_tokens`` or the
-        context length.
-
-        Raises:
-            ValueError: a bad keyword value, an empty prompt, or a prompt that does not fit the
-                context (the message gives both lengths).
-            TypeError: an unknown keyword, or a value of the wrong type (the message names it).
-            KeyboardInterrupt: Ctrl-C, checked after every step.
+        Greedy results equal ``[generate(p, **kwargs) for p in prompts]``; each prompt samples
+        with its own generator seeded by ``seed``. ``details`` is not supported here.
         """
-    def generate_ids(self, ids: Sequence[int], **kwargs: Unpack[GenerateOptions]) -> list[int]:
-        """The new token ids after ``ids`` (an end-of-sequence token that ended it included).
-
-        Same keywords as ``generate``; ids outside [0, vocab_size) raise ValueError.
-        """
-    def stream(self, prompt: str, **kwargs: Unpack[GenerateOptions]) -> TextStream:
-        """Like ``generate``, as an iterator of text chunks. Argument errors raise here, at once."""
+    def session(self) -> Session:
+        """A new conversation that keeps its KV cache between calls."""
     @property
     def vocab_size(self) -> int: ...
     @property
@@ -133,3 +191,24 @@ class Generator:
     def device(self) -> str: ...
     @property
     def dtype(self) -> str: ...
+
+@final
+class Session(_Generates):
+    """A conversation that keeps its KV cache, as passing ``past_key_values`` back to
+    transformers' ``generate`` does, without the bookkeeping.
+
+    Each call reuses the longest common token prefix of its prompt with what is cached (prompts
+    and generated tokens of earlier calls) and computes only the rest, so a follow-up chat turn
+    costs only its new tokens. One call at a time: a second call while a generation (or an
+    unfinished stream) holds the cache raises ValueError; ``fork()`` gives an independent copy.
+    """
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The token ids in the cache."""
+    def reset(self) -> None:
+        """Forgets everything cached."""
+    def truncate(self, n: int) -> None:
+        """Keeps only the first ``n`` cached tokens."""
+    def fork(self) -> Session:
+        """An independent copy (the cache is copied; nothing mutable is shared)."""

@@ -1,18 +1,22 @@
-//! `Generator` and `TextStream`, thin wrappers over crate::generate.
+//! `Generator` and `Session`, thin wrappers over crate::generate and crate::session.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
+use pyo3::IntoPyObjectExt;
 
-use super::params::generate_params;
+use super::params::{generate_params, Options};
+use super::run::{lock, watched, GenerationResult, Running, TextStream};
+use crate::chat::Message;
 use crate::config::parse_dtype;
 use crate::error::{Error, Result};
-use crate::generate::{self, Generation};
+use crate::generate;
+use crate::session;
 
 fn device(name: &str) -> Result<Device> {
     let ordinal = match name {
@@ -40,39 +44,126 @@ fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// The generating methods of `Generator` and `Session`: what a call runs on is the model, and
+/// the session whose cache it continues, if any.
+#[pyclass(module = "granite_rs._granite_rs", name = "_Generates", frozen, subclass)]
+pub struct Generates {
+    generator: Arc<generate::Generator>,
+    home: Option<Arc<Mutex<session::Session>>>,
+}
+
+/// `messages` as a list of {"role": ..., "content": ...} dicts.
+fn messages(list: &Bound<'_, PyList>) -> PyResult<Vec<Message>> {
+    let field = |m: &Bound<'_, PyAny>, key: &str| -> PyResult<String> {
+        m.get_item(key)
+            .and_then(|v| v.extract())
+            .map_err(|_| PyValueError::new_err(format!("each message must be a dict with a string {key:?}")))
+    };
+    list.iter().map(|m| Ok(Message { role: field(&m, "role")?, content: field(&m, "content")? })).collect()
+}
+
+impl Generates {
+    fn start(&self, prompt: Vec<u32>, options: &Options) -> Result<Running> {
+        Running::start(&self.generator, self.home.clone(), prompt, options.params.clone())
+    }
+
+    fn encode(&self, py: Python<'_>, prompt: &str) -> PyResult<Vec<u32>> {
+        Ok(py.detach(|| self.generator.tokenizer().encode(prompt, true))?)
+    }
+
+    /// The chat template's text for `messages`, tokenized as transformers does (no special tokens added).
+    fn chat_ids(&self, py: Python<'_>, list: &Bound<'_, PyList>) -> PyResult<Vec<u32>> {
+        let messages = messages(list)?;
+        let template = self.generator.chat_template().ok_or_else(|| {
+            Error::Unsupported(
+                "this model directory has no chat template (tokenizer_config.json or chat_template.jinja)".into(),
+            )
+        })?;
+        Ok(py.detach(|| -> Result<Vec<u32>> {
+            let text = template.render(&messages, true)?;
+            self.generator.tokenizer().encode(&text, false)
+        })?)
+    }
+
+    /// Runs to the end with Ctrl-C honoured; the text, or a GenerationResult with `details`.
+    fn run(&self, py: Python<'_>, prompt: Vec<u32>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
+        let options = generate_params(&self.generator, kwargs)?;
+        let mut running = self.start(prompt, &options)?;
+        let cancel = running.generation().cancel_flag();
+        let text = watched(py, &cancel, || running.generation().run())?;
+        match options.details {
+            true => {
+                let g = running.get();
+                GenerationResult::new(g, text, g.new_tokens().to_vec()).into_py_any(py)
+            }
+            false => text.into_py_any(py),
+        }
+    }
+
+    fn open_stream(&self, prompt: Vec<u32>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<TextStream> {
+        Ok(TextStream::new(self.start(prompt, &generate_params(&self.generator, kwargs)?)?))
+    }
+}
+
+#[pymethods]
+impl Generates {
+    #[pyo3(signature = (prompt, **kwargs))]
+    fn generate(&self, py: Python<'_>, prompt: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
+        self.run(py, self.encode(py, prompt)?, kwargs)
+    }
+
+    #[pyo3(signature = (ids, **kwargs))]
+    fn generate_ids(&self, py: Python<'_>, ids: Vec<i64>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<u32>> {
+        let options = generate_params(&self.generator, kwargs)?;
+        let mut running = self.start(self.generator.check_ids(&ids)?, &options)?;
+        let cancel = running.generation().cancel_flag();
+        watched(py, &cancel, || running.generation().run())?;
+        Ok(running.get().new_tokens().to_vec())
+    }
+
+    #[pyo3(signature = (prompt, **kwargs))]
+    fn stream(&self, py: Python<'_>, prompt: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<TextStream> {
+        self.open_stream(self.encode(py, prompt)?, kwargs)
+    }
+
+    #[pyo3(signature = (messages, **kwargs))]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyList>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.run(py, self.chat_ids(py, messages)?, kwargs)
+    }
+
+    #[pyo3(signature = (messages, **kwargs))]
+    fn stream_chat(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyList>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<TextStream> {
+        self.open_stream(self.chat_ids(py, messages)?, kwargs)
+    }
+}
+
 /// A loaded Granite model. Immutable and thread-safe: each call has its own KV cache.
-#[pyclass(module = "granite_rs._granite_rs", frozen)]
+#[pyclass(module = "granite_rs._granite_rs", extends = Generates, frozen, subclass)]
 pub struct Generator {
     inner: Arc<generate::Generator>,
     device: String,
-}
-
-impl Generator {
-    fn prompt_ids(&self, py: Python<'_>, prompt: &str) -> PyResult<Vec<u32>> {
-        Ok(py.detach(|| self.inner.tokenizer().encode(prompt, true))?)
-    }
-
-    fn start(&self, prompt: Vec<u32>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Generation> {
-        let params = generate_params(&self.inner, kwargs)?;
-        Ok(Generation::new(self.inner.clone(), prompt, params)?)
-    }
-}
-
-/// Runs a generation to its end, the GIL released for each step, Ctrl-C checked between steps.
-fn run(py: Python<'_>, generation: &mut Generation) -> PyResult<String> {
-    let mut text = String::new();
-    while let Some(chunk) = py.detach(|| generation.next_chunk())? {
-        text.push_str(&chunk);
-        py.check_signals()?;
-    }
-    Ok(text)
 }
 
 #[pymethods]
 impl Generator {
     #[new]
     #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None))]
-    fn new(py: Python<'_>, model_dir: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        model_dir: PathBuf,
+        device: &str,
+        dtype: Option<&str>,
+    ) -> PyResult<PyClassInitializer<Self>> {
         let dtype = dtype
             .map(|d| {
                 parse_dtype(d).ok_or_else(|| {
@@ -82,7 +173,9 @@ impl Generator {
             .transpose()?;
         let dev = self::device(device)?;
         let inner = py.detach(|| generate::Generator::load(&model_dir, &dev, dtype))?;
-        Ok(Self { inner: Arc::new(inner), device: device.to_string() })
+        let inner = Arc::new(inner);
+        let base = Generates { generator: inner.clone(), home: None };
+        Ok(PyClassInitializer::from(base).add_subclass(Self { inner, device: device.to_string() }))
     }
 
     #[pyo3(signature = (text, add_special_tokens = true))]
@@ -103,22 +196,38 @@ impl Generator {
         PyArray1::from_vec(py, values).reshape([ids.len(), self.inner.config().vocab_size])
     }
 
-    #[pyo3(signature = (prompt, **kwargs))]
-    fn generate(&self, py: Python<'_>, prompt: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
-        let mut generation = self.start(self.prompt_ids(py, prompt)?, kwargs)?;
-        run(py, &mut generation)
+    /// The text the chat template makes of `messages` (with the generation prompt).
+    #[pyo3(signature = (messages, add_generation_prompt = true))]
+    fn apply_chat_template(&self, messages: &Bound<'_, PyList>, add_generation_prompt: bool) -> PyResult<String> {
+        let messages = self::messages(messages)?;
+        let template =
+            self.inner.chat_template().ok_or_else(|| Error::Unsupported("this model has no chat template".into()))?;
+        Ok(template.render(&messages, add_generation_prompt)?)
     }
 
-    #[pyo3(signature = (ids, **kwargs))]
-    fn generate_ids(&self, py: Python<'_>, ids: Vec<i64>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<u32>> {
-        let mut generation = self.start(self.inner.check_ids(&ids)?, kwargs)?;
-        run(py, &mut generation)?;
-        Ok(generation.new_tokens().to_vec())
+    /// Generates for all prompts together, one forward per step for the batch.
+    #[pyo3(signature = (prompts, **kwargs))]
+    fn generate_batch(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<String>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<String>> {
+        let options = generate_params(&self.inner, kwargs)?;
+        if options.details {
+            return Err(PyValueError::new_err("details is not supported by generate_batch"));
+        }
+        let ids =
+            py.detach(|| prompts.iter().map(|p| self.inner.tokenizer().encode(p, true)).collect::<Result<Vec<_>>>())?;
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let outputs =
+            watched(py, &cancel, || crate::batch::generate_batch(&self.inner, ids, &options.params, Some(&cancel)))?;
+        Ok(outputs.into_iter().map(|o| o.text).collect())
     }
 
-    #[pyo3(signature = (prompt, **kwargs))]
-    fn stream(&self, py: Python<'_>, prompt: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<TextStream> {
-        Ok(TextStream { generation: self.start(self.prompt_ids(py, prompt)?, kwargs)? })
+    /// A conversation that keeps its KV cache between calls.
+    fn session(&self, py: Python<'_>) -> PyResult<Py<Session>> {
+        Session::create(py, &self.inner, session::Session::new(self.inner.clone())?)
     }
 
     #[getter]
@@ -159,32 +268,47 @@ impl Generator {
     }
 }
 
-/// Text chunks of one generation; the work stops when the iterator is dropped.
-#[pyclass(module = "granite_rs._granite_rs")]
-pub struct TextStream {
-    generation: Generation,
+/// A conversation on one Generator that keeps its KV cache: each call reuses the longest
+/// common token prefix with what is cached and computes only the rest.
+#[pyclass(module = "granite_rs._granite_rs", extends = Generates, frozen)]
+pub struct Session {
+    generator: Arc<generate::Generator>,
+    state: Arc<Mutex<session::Session>>,
+}
+
+impl Session {
+    fn create(py: Python<'_>, generator: &Arc<generate::Generator>, session: session::Session) -> PyResult<Py<Self>> {
+        let state = Arc::new(Mutex::new(session));
+        let base = Generates { generator: generator.clone(), home: Some(state.clone()) };
+        Py::new(py, PyClassInitializer::from(base).add_subclass(Self { generator: generator.clone(), state }))
+    }
 }
 
 #[pymethods]
-impl TextStream {
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
-        let generation = &mut self.generation;
-        Ok(py.detach(|| generation.next_chunk())?)
-    }
-
-    /// The new token ids so far.
+impl Session {
+    /// The token ids in the cache (prompts and generated tokens).
     #[getter]
-    fn token_ids(&self) -> Vec<u32> {
-        self.generation.new_tokens().to_vec()
+    fn cached_tokens(&self) -> Vec<u32> {
+        lock(&self.state).cached_tokens().to_vec()
     }
 
-    /// "eos", "stop" or "length" once finished, else None.
-    #[getter]
-    fn finish_reason(&self) -> Option<&'static str> {
-        self.generation.finish_reason().map(|f| f.as_str())
+    /// Forgets the cached tokens.
+    fn reset(&self) -> PyResult<()> {
+        Ok(lock(&self.state).reset()?)
+    }
+
+    /// Keeps only the first `n` cached tokens.
+    fn truncate(&self, n: usize) -> PyResult<()> {
+        Ok(lock(&self.state).truncate(n)?)
+    }
+
+    /// An independent copy of this session (cache copied, nothing shared).
+    fn fork(&self, py: Python<'_>) -> PyResult<Py<Session>> {
+        let copy = py.detach(|| lock(&self.state).fork())?;
+        Session::create(py, &self.generator, copy)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Session(cached_tokens={})", lock(&self.state).cached_tokens().len())
     }
 }

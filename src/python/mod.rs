@@ -3,6 +3,7 @@
 
 mod generator;
 mod params;
+mod run;
 
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
@@ -31,7 +32,10 @@ impl From<Error> for PyErr {
 fn _granite_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GraniteError", m.py().get_type::<GraniteError>())?;
     m.add_class::<generator::Generator>()?;
-    m.add_class::<generator::TextStream>()?;
+    m.add_class::<generator::Generates>()?;
+    m.add_class::<generator::Session>()?;
+    m.add_class::<run::TextStream>()?;
+    m.add_class::<run::GenerationResult>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

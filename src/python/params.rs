@@ -33,9 +33,16 @@ fn stop_strings(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     }
 }
 
+/// The keywords of one call: generation parameters, and whether to return details.
+pub struct Options {
+    pub params: GenerateParams,
+    pub details: bool,
+}
+
 /// Keywords as transformers' `generate` names them; unset ones come from generation_config.json.
-pub fn generate_params(generator: &Generator, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<GenerateParams> {
+pub fn generate_params(generator: &Generator, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Options> {
     let mut p = GenerateParams { sampling: generator.defaults().sampling(), ..Default::default() };
+    let mut details = false;
     for (key, value) in kwargs.into_iter().flat_map(|k| k.iter()) {
         let key: String = key.extract()?;
         let none = value.is_none();
@@ -66,9 +73,20 @@ pub fn generate_params(generator: &Generator, kwargs: Option<&Bound<'_, PyDict>>
                 p.stop_token_ids = generator.check_ids(&ids.unwrap_or_default())?;
             }
             "ignore_eos" => p.ignore_eos = get(&key, &value)?,
+            "min_p" => p.sampling.min_p = get(&key, &value)?,
+            "presence_penalty" => p.sampling.presence_penalty = get(&key, &value)?,
+            "frequency_penalty" => p.sampling.frequency_penalty = get(&key, &value)?,
+            "details" => details = get(&key, &value)?,
+            "top_logprobs" => {
+                let n: i128 = get(&key, &value)?;
+                p.logprobs = Some(non_negative("top_logprobs", n)? as usize);
+            }
             other => return Err(PyTypeError::new_err(format!("unexpected keyword argument '{other}'"))),
         }
     }
+    if details {
+        p.logprobs.get_or_insert(0);
+    }
     p.sampling.validate()?;
-    Ok(p)
+    Ok(Options { params: p, details })
 }

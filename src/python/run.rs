@@ -1,0 +1,185 @@
+//! Running generations from Python: the GIL released, Ctrl-C and cancellation honoured, a
+//! session's cache handed back however the run ends.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pyo3::exceptions::PyStopIteration;
+use pyo3::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::generate::{GenerateParams, Generator};
+use crate::generation::Generation;
+use crate::session::Session;
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A generation, and the session whose cache it borrows, if any.
+pub struct Running {
+    generation: Option<Generation>,
+    home: Option<Arc<Mutex<Session>>>,
+}
+
+impl Running {
+    pub fn start(
+        generator: &Arc<Generator>,
+        home: Option<Arc<Mutex<Session>>>,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+    ) -> Result<Self> {
+        let generation = match &home {
+            Some(session) => lock(session).start(prompt, params)?,
+            None => Generation::new(generator.clone(), prompt, params)?,
+        };
+        Ok(Self { generation: Some(generation), home })
+    }
+
+    pub fn generation(&mut self) -> &mut Generation {
+        self.generation.as_mut().expect("a Running holds its generation until dropped")
+    }
+
+    pub fn get(&self) -> &Generation {
+        self.generation.as_ref().expect("a Running holds its generation until dropped")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let (Some(generation), Some(session)) = (self.generation.take(), &self.home) {
+            lock(session).finish(generation);
+        }
+    }
+}
+
+/// Runs `work` on a helper thread with the GIL released, checking for Ctrl-C every 50 ms; on
+/// an interrupt it sets `cancel`, waits for the work to stop, and raises KeyboardInterrupt.
+pub fn watched<T: Send>(py: Python<'_>, cancel: &AtomicBool, work: impl FnOnce() -> Result<T> + Send) -> PyResult<T> {
+    std::thread::scope(|scope| {
+        let (done, finished) = mpsc::channel();
+        let finished = Mutex::new(finished); // a Receiver is not Sync; detach needs Send captures
+        let worker = scope.spawn(move || {
+            let result = work();
+            let _ = done.send(());
+            result
+        });
+        loop {
+            let ready = py.detach(|| lock(&finished).recv_timeout(Duration::from_millis(50)).is_ok());
+            if ready || worker.is_finished() {
+                break;
+            }
+            if let Err(interrupt) = py.check_signals() {
+                cancel.store(true, Ordering::Relaxed);
+                let _ = py.detach(|| worker.join());
+                return Err(interrupt);
+            }
+        }
+        let result = py.detach(|| worker.join()).map_err(|_| Error::Numerical("a worker thread panicked".into()))?;
+        Ok(result?)
+    })
+}
+
+/// Text chunks of one generation; the work stops when the iterator is dropped or cancelled.
+#[pyclass(module = "granite_rs._granite_rs", frozen)]
+pub struct TextStream {
+    running: Mutex<Running>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl TextStream {
+    pub fn new(mut running: Running) -> Self {
+        let cancel = running.generation().cancel_flag();
+        Self { running: Mutex::new(running), cancel }
+    }
+}
+
+#[pymethods]
+impl TextStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<String> {
+        let chunk = py.detach(|| lock(&self.running).generation().next_chunk());
+        match chunk {
+            Ok(Some(text)) => Ok(text),
+            Ok(None) | Err(Error::Cancelled) => Err(PyStopIteration::new_err(())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stops the work, from any thread, within one layer's forward; the iterator then ends.
+    fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// The new token ids so far.
+    #[getter]
+    fn token_ids(&self) -> Vec<u32> {
+        lock(&self.running).get().new_tokens().to_vec()
+    }
+
+    /// "eos", "stop" or "length" once finished, else None.
+    #[getter]
+    fn finish_reason(&self) -> Option<&'static str> {
+        lock(&self.running).get().finish_reason().map(|f| f.as_str())
+    }
+}
+
+/// What `generate(..., details=True)` returns.
+#[pyclass(module = "granite_rs._granite_rs", frozen, get_all)]
+pub struct GenerationResult {
+    /// The new text.
+    text: String,
+    /// The new token ids.
+    token_ids: Vec<u32>,
+    /// "eos", "stop" or "length" (None while unfinished).
+    finish_reason: Option<&'static str>,
+    /// Each new token's log-probability under the model (before sampling processors).
+    logprobs: Vec<f32>,
+    /// Per new token, the `top_logprobs` most likely (token id, log-probability) pairs.
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// Prompt tokens, and how many of them came from a session's cache.
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    /// Seconds from the start to the first new token.
+    time_to_first_token: f64,
+    /// New tokens after the first, per second.
+    decode_tokens_per_s: f64,
+}
+
+impl GenerationResult {
+    pub fn new(g: &Generation, text: String, token_ids: Vec<u32>) -> Self {
+        let t = g.timings();
+        let decode_s = t.decode_time.as_secs_f64();
+        let decoded = token_ids.len().saturating_sub(1);
+        Self {
+            text,
+            finish_reason: g.finish_reason().map(|f| f.as_str()),
+            logprobs: g.logprobs().iter().map(|l| l.logprob).collect(),
+            top_logprobs: g.logprobs().iter().map(|l| l.top.clone()).collect(),
+            token_ids,
+            prompt_tokens: t.prompt_tokens,
+            cached_tokens: t.cached_tokens,
+            time_to_first_token: t.time_to_first_token.as_secs_f64(),
+            decode_tokens_per_s: if decode_s > 0.0 { decoded as f64 / decode_s } else { 0.0 },
+        }
+    }
+}
+
+#[pymethods]
+impl GenerationResult {
+    fn __repr__(&self) -> String {
+        format!(
+            "GenerationResult(text={:?}, tokens={}, finish_reason={:?}, ttft={:.4}s, decode={:.1} tok/s)",
+            self.text,
+            self.token_ids.len(),
+            self.finish_reason,
+            self.time_to_first_token,
+            self.decode_tokens_per_s
+        )
+    }
+}
