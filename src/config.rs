@@ -150,6 +150,13 @@ impl GraniteConfig {
         Ok(cfg)
     }
 
+    /// Reads and validates a config given as JSON (as a GGUF file's metadata maps to it).
+    pub fn from_json(value: serde_json::Value, origin: &Path) -> Result<Self> {
+        let cfg: Self = serde_json::from_value(value).map_err(|source| Error::Json { path: origin.into(), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

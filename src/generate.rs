@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::chat::ChatTemplate;
 use crate::config::{GenerationDefaults, GraniteConfig};
 use crate::error::{Error, Result};
+use crate::gguf::Gguf;
 use crate::granite::{Granite, Logits};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -71,19 +72,44 @@ fn pin_thread_count() {
 }
 
 impl Generator {
-    /// Loads an HF model directory: config.json, generation_config.json (optional),
-    /// tokenizer.json and model.safetensors or its shards. `dtype` None: float32.
-    pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::NotFound { what: "model directory", path: dir.into() });
-        }
+    /// Loads an HF model directory (config.json, generation_config.json (optional),
+    /// tokenizer.json, model.safetensors or its shards) or a `.gguf` file. `dtype` None: float32.
+    pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
         pin_thread_count();
-        let config = GraniteConfig::from_file(&dir.join("config.json"))?;
-        let defaults = GenerationDefaults::from_dir(dir)?;
-        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-        let chat_template = ChatTemplate::from_dir(dir)?;
         let dtype = dtype.unwrap_or(DType::F32);
-        let weights = Weights::from_dir(dir, dtype, device)?;
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            return Self::load_gguf(path, device, dtype);
+        }
+        if !path.is_dir() {
+            return Err(Error::NotFound { what: "model directory or .gguf file", path: path.into() });
+        }
+        let config = GraniteConfig::from_file(&path.join("config.json"))?;
+        let defaults = GenerationDefaults::from_dir(path)?;
+        let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+        let chat_template = ChatTemplate::from_dir(path)?;
+        let weights = Weights::from_dir(path, dtype, device)?;
+        Self::assemble(config, weights, tokenizer, defaults, chat_template, dtype, device)
+    }
+
+    /// A GGUF file: config, tokenizer and chat template from its metadata, weights dequantized.
+    fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let gguf = Gguf::open(path)?;
+        let config = gguf.config()?;
+        let tokenizer = crate::gguf_tokenizer::tokenizer_from_gguf(gguf.content())?;
+        let chat_template = gguf.chat_template()?;
+        let weights = Weights::from_tensors(gguf.weights(&config)?, dtype, device);
+        Self::assemble(config, weights, tokenizer, GenerationDefaults::default(), chat_template, dtype, device)
+    }
+
+    fn assemble(
+        config: GraniteConfig,
+        weights: Weights,
+        tokenizer: Tokenizer,
+        defaults: GenerationDefaults,
+        chat_template: Option<ChatTemplate>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let model = Granite::load(&config, &weights, dtype, device)?;
         let mut eos_token_ids = config.eos_token_ids();
         for id in defaults.eos_token_id.iter().flat_map(|e| e.to_vec()) {

@@ -6,6 +6,8 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod generation;
+pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod granite;
 pub mod kv_cache;
 pub mod rope;

@@ -17,6 +17,10 @@ impl Tokenizer {
         Ok(Self(inner))
     }
 
+    pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
+        Self(inner)
+    }
+
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         Ok(self.0.encode(text, add_special_tokens)?.get_ids().to_vec())
     }

@@ -1,4 +1,5 @@
-//! Memory-mapped safetensors checkpoints, single-file or sharded, with named errors.
+//! Checkpoint tensors by HF name, with named errors: memory-mapped safetensors (single-file or
+//! sharded), or tensors already in memory (a dequantized GGUF).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -10,13 +11,20 @@ use serde::Deserialize;
 use crate::config::read_json;
 use crate::error::{Error, Result};
 
-/// Every tensor of a checkpoint, read on demand from its memory-mapped file.
+/// Every tensor of a checkpoint, converted to the compute dtype when asked for.
 pub struct Weights {
-    files: Vec<(PathBuf, MmapedSafetensors)>,
-    /// Tensor name -> index into `files`.
-    location: HashMap<String, usize>,
+    source: Source,
     dtype: DType,
     device: Device,
+}
+
+enum Source {
+    Safetensors {
+        files: Vec<(PathBuf, MmapedSafetensors)>,
+        /// Tensor name -> index into `files`.
+        location: HashMap<String, usize>,
+    },
+    Memory(HashMap<String, Tensor>),
 }
 
 #[derive(Deserialize)]
@@ -65,17 +73,40 @@ impl Weights {
             location = st.tensors().into_iter().map(|(name, _)| (name, 0)).collect();
             files.push((path, st));
         }
-        Ok(Self { files, location, dtype, device: device.clone() })
+        Ok(Self { source: Source::Safetensors { files, location }, dtype, device: device.clone() })
+    }
+
+    /// Tensors already loaded, by HF name.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
+        Self { source: Source::Memory(tensors), dtype, device: device.clone() }
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.location.contains_key(name)
+        match &self.source {
+            Source::Safetensors { location, .. } => location.contains_key(name),
+            Source::Memory(tensors) => tensors.contains_key(name),
+        }
     }
 
     /// Loads `name`, checks its shape, and converts it to the compute dtype on the device.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let file = *self.location.get(name).ok_or_else(|| Error::MissingWeight { name: name.into() })?;
-        let (path, st) = &self.files[file];
+        let missing = || Error::MissingWeight { name: name.into() };
+        let (files, location) = match &self.source {
+            Source::Safetensors { files, location } => (files, location),
+            Source::Memory(tensors) => {
+                let t = tensors.get(name).ok_or_else(missing)?;
+                if t.dims() != shape {
+                    return Err(Error::WeightShape {
+                        name: name.into(),
+                        expected: shape.to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+                return Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?);
+            }
+        };
+        let file = *location.get(name).ok_or_else(missing)?;
+        let (path, st) = &files[file];
         let bad = |e: candle_core::Error| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {e}") };
         let view = st.get(name).map_err(bad)?;
         if view.shape() != shape {

@@ -162,14 +162,14 @@ def test_load_error(tmp_path, spoil, cls, message):
 
 
 def test_model_dir_does_not_exist(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model directory not found: .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"model directory or .gguf file not found: .*nowhere"):
         Generator(tmp_path / "nowhere")
 
 
 def test_model_dir_is_a_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"model directory not found"):
+    with pytest.raises(FileNotFoundError, match=r"model directory or .gguf file not found"):
         Generator(path)
 
 

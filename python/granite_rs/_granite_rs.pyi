@@ -129,9 +129,11 @@ class _Generates:
 
 @disjoint_base
 class Generator(_Generates):
-    """A Granite (or Llama) model loaded from an HF model directory.
+    """A Granite (or Llama) model loaded from a ``.gguf`` file or an HF model directory.
 
-    The directory holds ``config.json``, ``tokenizer.json``, ``model.safetensors`` (or shards with
+    A GGUF file (architectures ``llama`` and ``granite``) is dequantized to the compute dtype; its
+    tokenizer and chat template are built from its metadata as transformers builds them. A
+    directory holds ``config.json``, ``tokenizer.json``, ``model.safetensors`` (or shards with
     ``model.safetensors.index.json``), and optionally ``generation_config.json`` (its values become
     the defaults of the generation keywords, as in transformers) and a chat template
     (``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.json``).

