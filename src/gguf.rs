@@ -68,6 +68,11 @@ impl Gguf {
 
     /// The HF config this file's metadata describes.
     pub fn config(&self) -> Result<GraniteConfig> {
+        GraniteConfig::from_json(self.config_json()?, &self.path)
+    }
+
+    /// `config()` as the config.json transformers would read.
+    pub fn config_json(&self) -> Result<serde_json::Value> {
         let arch = self.architecture()?;
         let key = |k: &str| format!("{arch}.{k}");
         let int = |k: &str| -> Result<usize> { Ok(self.required(&key(k))? as usize) };
@@ -116,7 +121,18 @@ impl Gguf {
                 cfg[hf_key] = json!(v);
             }
         }
-        GraniteConfig::from_json(cfg, &self.path)
+        Ok(cfg)
+    }
+
+    /// The path this was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The text of token `id` in the file's vocabulary.
+    pub fn token(&self, id: u32) -> Option<&str> {
+        let tokens = self.metadata("tokenizer.ggml.tokens")?.to_vec().ok()?;
+        tokens.get(id as usize)?.to_string().ok().map(String::as_str)
     }
 
     /// The `tokenizer.chat_template` metadata, with the file's bos and eos tokens.
@@ -124,11 +140,7 @@ impl Gguf {
         let Some(source) = self.metadata("tokenizer.chat_template").and_then(|v| v.to_string().ok()) else {
             return Ok(None);
         };
-        let tokens = self.metadata("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok());
-        let token = |key: &str| {
-            let id = self.number(&format!("tokenizer.ggml.{key}"))? as usize;
-            tokens?.get(id)?.to_string().ok().map(String::as_str)
-        };
+        let token = |key: &str| self.token(self.number(&format!("tokenizer.ggml.{key}"))? as u32);
         Ok(Some(ChatTemplate::new(source.clone(), token("bos_token_id"), token("eos_token_id"))?))
     }
 

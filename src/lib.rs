@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod generation;

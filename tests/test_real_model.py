@@ -42,3 +42,20 @@ def test_cli_chat_uses_the_embedded_model():
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def test_converted_directory_generates_like_the_gguf(tmp_path):
+    from granite_rs._granite_rs import convert_gguf
+
+    gguf = Path(SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = tmp_path / "smollm2-hf"
+    convert_gguf(gguf, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["GraniteForCausalLM"] and config["attention_multiplier"] == 0.125
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    g = Generator(out)
+    for name, case in REFERENCE["prompts"].items():
+        ids = g.encode(case["text"], add_special_tokens=name != "chat")
+        assert ids == case["input_ids"], name
+        new = g.generate_ids(ids, max_new_tokens=16, ignore_eos=name != "chat")
+        assert new == case["greedy_ids"][:16], name

@@ -8,11 +8,17 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import TypedDict, Unpack, disjoint_base
 
-__all__ = ["GenerationResult", "Generator", "GraniteError", "Session", "TextStream", "_Generates", "__version__"]
+__all__ = ["GenerationResult", "Generator", "GraniteError", "Session", "TextStream", "_Generates", "convert_gguf", "__version__"]
 __version__: str
 
 # A chat message: {"role": "system" | "user" | "assistant" | ..., "content": str}.
 _Message = Mapping[str, str]
+
+def convert_gguf(src: Union[str, PathLike[str]], out_dir: Union[str, PathLike[str]]) -> None:
+    """Writes an HF model directory from a GGUF file (architectures llama and granite):
+    config.json as GraniteForCausalLM (every Granite scalar explicit), generation_config.json,
+    model.safetensors in float32, tokenizer.json and tokenizer_config.json with the chat template.
+    transformers loads the result and generates the same greedy tokens as from the GGUF."""
 
 class GraniteError(Exception):
     """A model that cannot be loaded or run: bad config, weights, tokenizer or chat template,

@@ -28,6 +28,13 @@ impl From<Error> for PyErr {
     }
 }
 
+/// Writes an HF model directory (GraniteForCausalLM, float32 safetensors, tokenizer.json and
+/// tokenizer_config.json with the chat template) from a GGUF file.
+#[pyfunction]
+fn convert_gguf(py: Python<'_>, src: std::path::PathBuf, out_dir: std::path::PathBuf) -> PyResult<()> {
+    Ok(py.detach(|| crate::convert::gguf_to_hf(&src, &out_dir))?)
+}
+
 #[pymodule]
 fn _granite_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GraniteError", m.py().get_type::<GraniteError>())?;
@@ -36,6 +43,7 @@ fn _granite_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<generator::Session>()?;
     m.add_class::<run::TextStream>()?;
     m.add_class::<run::GenerationResult>()?;
+    m.add_function(wrap_pyfunction!(convert_gguf, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
