@@ -1,5 +1,6 @@
 //! GGUF -> HF model directory: what transformers' `from_pretrained` reads, as GraniteForCausalLM.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::json;
@@ -35,7 +36,12 @@ pub fn gguf_to_hf(src: &Path, out: &Path) -> Result<()> {
     write_json(&out.join("generation_config.json"), &ids)?;
 
     let path = out.join("model.safetensors");
-    candle_core::safetensors::save(&gguf.weights(&cfg)?, &path)
+    let tensors = gguf
+        .weights(&cfg)?
+        .into_iter()
+        .map(|(name, w)| Ok((name, w.dequantize(candle_core::DType::F32)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    candle_core::safetensors::save(&tensors, &path)
         .map_err(|e| Error::Safetensors { path: path.clone(), reason: e.to_string() })?;
 
     let path = out.join("tokenizer.json");

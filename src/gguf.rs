@@ -1,18 +1,22 @@
 //! GGUF checkpoints (llama.cpp's format), architectures `llama` and `granite`: the config from
-//! the metadata, weights dequantized to HF names and layout.
+//! the metadata, weights under HF names and in HF layout (quantized ones kept quantized).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use crate::chat::ChatTemplate;
 use crate::config::GraniteConfig;
 use crate::error::{Error, Result};
+use crate::linear::Weight;
 
 /// An opened GGUF file: its metadata and tensor index, read without the tensor data.
 pub struct Gguf {
@@ -144,8 +148,9 @@ impl Gguf {
         Ok(Some(ChatTemplate::new(source.clone(), token("bos_token_id"), token("eos_token_id"))?))
     }
 
-    /// Every tensor dequantized to f32 under its HF name, q and k rows back in HF's order.
-    pub fn weights(&self, cfg: &GraniteConfig) -> Result<HashMap<String, Tensor>> {
+    /// Every tensor under its HF name, q and k rows back in HF's order: float tensors dense in
+    /// f32, quantized ones in their GGUF type.
+    pub fn weights(&self, cfg: &GraniteConfig) -> Result<HashMap<String, Weight>> {
         let file = File::open(&self.path).map_err(|source| Error::Io { path: self.path.clone(), source })?;
         let mut reader = BufReader::new(file);
         let mut out = HashMap::new();
@@ -155,13 +160,26 @@ impl Gguf {
                 .content
                 .tensor(&mut reader, name, &Device::Cpu)
                 .map_err(|e| bad(&self.path, format!("tensor `{name}`: {e}")))?;
-            let mut t = q.dequantize(&Device::Cpu)?;
-            if name.contains(".attn_q.") {
-                t = unpermute(&t, cfg.num_attention_heads)?;
+            let heads = if name.contains(".attn_q.") {
+                Some(cfg.num_attention_heads)
             } else if name.contains(".attn_k.") {
-                t = unpermute(&t, cfg.num_kv_heads())?;
-            }
-            out.insert(hf, t);
+                Some(cfg.num_kv_heads())
+            } else {
+                None
+            };
+            let weight = if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                let t = q.dequantize(&Device::Cpu)?;
+                Weight::Dense(match heads {
+                    Some(h) => unpermute(&t, h)?,
+                    None => t,
+                })
+            } else {
+                match heads {
+                    Some(h) => Weight::Quantized(Arc::new(unpermute_quantized(&q, h)?)),
+                    None => Weight::Quantized(Arc::new(q)),
+                }
+            };
+            out.insert(hf, weight);
         }
         Ok(out)
     }
@@ -175,6 +193,25 @@ fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
     let rest: usize = dims[1..].iter().product();
     // (heads, half, 2, rest) -> (heads, 2, half, rest)
     Ok(t.reshape((heads, half, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// `unpermute` on the rows of a quantized matrix, which are whole blocks.
+fn unpermute_quantized(q: &QTensor, heads: usize) -> Result<QTensor> {
+    let (rows, _) = q.shape().dims2()?;
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let half = rows / heads / 2;
+    let mut out = Vec::with_capacity(data.len());
+    for h in 0..heads {
+        for s in 0..2 {
+            for j in 0..half {
+                let from = h * 2 * half + j * 2 + s;
+                out.extend_from_slice(&data[from * row_bytes..(from + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(Cow::Owned(out), &Device::Cpu, q.dtype())?;
+    Ok(QTensor::new(storage, q.shape().clone())?)
 }
 
 /// The HF weight name of a llama.cpp tensor name.

@@ -3,17 +3,18 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Linear, RmsNorm};
+use candle_nn::RmsNorm;
 
 use crate::config::{Activation, GraniteConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
+use crate::linear::{Linear, Weight};
 use crate::rope::RotaryEmbedding;
 use crate::weights::Weights;
 
 /// A linear layer from `{prefix}.weight` (out, in) and, when present, `{prefix}.bias` (out,).
 fn linear(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
-    let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+    let weight = w.matrix(&format!("{prefix}.weight"), [out_dim, in_dim])?;
     let bias = bias.then(|| w.get(&format!("{prefix}.bias"), &[out_dim])).transpose()?;
     Ok(Linear::new(weight, bias))
 }
@@ -21,10 +22,7 @@ fn linear(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) 
 /// Several HF projections that read the same input, stacked into one matmul.
 fn fused_linear(w: &Weights, prefixes: &[(&str, usize)], in_dim: usize, bias: bool) -> Result<Linear> {
     let parts = prefixes.iter().map(|(p, out_dim)| linear(w, p, *out_dim, in_dim, bias)).collect::<Result<Vec<_>>>()?;
-    let weights: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
-    let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias()).collect();
-    let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
-    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+    Linear::stack(parts)
 }
 
 fn rms_norm(w: &Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -181,7 +179,7 @@ pub enum Logits {
 
 pub struct Granite {
     /// (vocab, hidden)
-    embed_tokens: Tensor,
+    embed_tokens: Weight,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// Shares `embed_tokens` when the embeddings are tied.
@@ -195,7 +193,7 @@ pub struct Granite {
 impl Granite {
     pub fn load(cfg: &GraniteConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
-        let embed_tokens = w.get("model.embed_tokens.weight", &[vocab, hidden])?;
+        let embed_tokens = w.matrix("model.embed_tokens.weight", [vocab, hidden])?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(w, &format!("model.layers.{i}"), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -282,7 +280,7 @@ impl Granite {
         }
         let (cos, sin) = self.rotary.cos_sin(start, t, opts.left_pad)?;
         let pos = Positions { cos, sin, mask: self.causal_mask(start, t, opts.left_pad)? };
-        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed_tokens.rows(ids, self.dtype)?;
         x = x.affine(self.cfg.embedding_multiplier(), 0.0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // A cancelled forward leaves the cache length as it was: what it wrote is overwritten later.

@@ -1,0 +1,118 @@
+//! The decode matrix-vector kernels and `Linear` against candle's matmul on the same weights
+//! (dequantized where they are quantized), for every format and a range of shapes.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use granite_rs::gemv::{gemv, Rows};
+use granite_rs::linear::{Linear, Weight};
+
+fn random(shape: (usize, usize), seed: u64) -> Tensor {
+    // Deterministic values in [-1, 1) without a RNG dependency: a multiplicative hash.
+    let n = shape.0 * shape.1;
+    let v: Vec<f32> = (0..n as u64)
+        .map(|i| ((i.wrapping_add(seed).wrapping_mul(2654435761) % 2000) as f32 / 1000.0) - 1.0)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    diff / scale
+}
+
+fn reference(x: &Tensor, w: &Tensor) -> Tensor {
+    x.matmul(&w.t().unwrap()).unwrap()
+}
+
+#[test]
+fn dense_formats_match_matmul() {
+    for (n, k) in [(1, 32), (7, 64), (96, 576), (1536, 576), (300, 1024)] {
+        let w = random((n, k), 1);
+        for m in [1, 2, 3, 4, 5, 8] {
+            let x = random((m, k), 7 + m as u64);
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let wd = w.to_dtype(dtype).unwrap();
+                let want = reference(&x, &wd.to_dtype(DType::F32).unwrap());
+                let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let mut out = vec![0f32; m * n];
+                match dtype {
+                    DType::F32 => gemv(Rows::F32(&wd.flatten_all().unwrap().to_vec1().unwrap()), n, k, &xs, &mut out),
+                    DType::F16 => gemv(Rows::F16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n, k, &xs, &mut out),
+                    _ => gemv(Rows::BF16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n, k, &xs, &mut out),
+                }
+                .unwrap();
+                let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
+                let err = max_rel_err(&got, &want);
+                assert!(err < 1e-5, "{dtype:?} {m}x{k} by {n}x{k}: relative error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_formats_match_their_dequantized_weights() {
+    for (n, k) in [(1, 32), (96, 576), (1536, 576), (257, 1024)] {
+        let w = random((n, k), 3);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let deq = q.dequantize(&Device::Cpu).unwrap();
+            let data = q.data().unwrap();
+            let rows = match dtype {
+                GgmlDType::Q4_0 => Rows::Q4_0(&data),
+                GgmlDType::Q4_1 => Rows::Q4_1(&data),
+                _ => Rows::Q8_0(&data),
+            };
+            for m in [1, 3, 4, 6] {
+                let x = random((m, k), 11 + m as u64);
+                let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let mut out = vec![0f32; m * n];
+                gemv(rows, n, k, &xs, &mut out).unwrap();
+                let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
+                let err = max_rel_err(&got, &reference(&x, &deq));
+                assert!(err < 1e-5, "{dtype:?} {m}x{k} by {n}x{k}: relative error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gemv_rejects_bad_shapes() {
+    let w = vec![0f32; 64];
+    let mut out = vec![0f32; 2];
+    assert!(gemv(Rows::F32(&w), 2, 30, &[0.0; 30], &mut out).unwrap_err().contains("multiple of 32"));
+    assert!(gemv(Rows::F32(&w), 2, 32, &[0.0; 33], &mut out).unwrap_err().contains("shapes"));
+    assert!(gemv(Rows::F32(&w[..63]), 2, 32, &[0.0; 32], &mut out).unwrap_err().contains("bytes"));
+}
+
+/// Every path of `Linear`: gemv for few rows, matmul for many, candle's quantized matmul for
+/// the k-quants, and stacked weights of mixed types.
+#[test]
+fn linear_matches_matmul_on_every_path() {
+    let (k, n1, n2) = (512, 64, 96);
+    let (w1, w2) = (random((n1, k), 5), random((n2, k), 6));
+    let bias = random((1, n1 + n2), 9).squeeze(0).unwrap();
+    let (b1, b2) = (bias.narrow(0, 0, n1).unwrap(), bias.narrow(0, n1, n2).unwrap());
+    let quantized = |w: &Tensor, t| Weight::Quantized(Arc::new(QTensor::quantize(w, t).unwrap()));
+    let cases = [
+        ("dense", Weight::Dense(w1.clone()), Weight::Dense(w2.clone()), 1e-5),
+        ("q8_0", quantized(&w1, GgmlDType::Q8_0), quantized(&w2, GgmlDType::Q8_0), 1e-5),
+        ("q4_1 + q8_0", quantized(&w1, GgmlDType::Q4_1), quantized(&w2, GgmlDType::Q8_0), 1e-5),
+        // candle quantizes the activations for these: llama.cpp's approximation.
+        ("q4_k", quantized(&w1, GgmlDType::Q4K), quantized(&w2, GgmlDType::Q4K), 2e-2),
+        ("q6_k", quantized(&w1, GgmlDType::Q6K), quantized(&w2, GgmlDType::Q6K), 2e-2),
+    ];
+    for (name, a, b, tol) in cases {
+        let want_w = Tensor::cat(&[a.dequantize(DType::F32).unwrap(), b.dequantize(DType::F32).unwrap()], 0).unwrap();
+        let linear = Linear::stack(vec![Linear::new(a, Some(b1.clone())), Linear::new(b, Some(b2.clone()))]).unwrap();
+        for rows in [1, 3, 8, 9, 40] {
+            let x = random((rows, k), 13).reshape((1, rows, k)).unwrap();
+            let want = reference(&x.squeeze(0).unwrap(), &want_w).broadcast_add(&bias).unwrap();
+            let got = linear.forward(&x).unwrap().squeeze(0).unwrap();
+            let err = max_rel_err(&got, &want);
+            assert!(err < tol, "{name}, {rows} rows: relative error {err}");
+        }
+    }
+}
