@@ -12,7 +12,7 @@ use crate::gguf::Gguf;
 use crate::granite::{Granite, Logits};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
-use crate::weights::Weights;
+use crate::weights::{Quantization, Weights};
 
 /// A loaded model with its tokenizer; shared, immutable, safe to use from many threads.
 pub struct Generator {
@@ -57,28 +57,62 @@ pub struct GenerateParams {
     pub logprobs: Option<usize>,
 }
 
-/// candle 0.11 looks up its thread count on every CPU matmul and, unless RAYON_NUM_THREADS is
-/// set, reads /proc and sysfs each time: measured here as 7x the whole decode step of a small
-/// model. Setting the variable once, to the value candle would compute, makes the lookup cheap.
-fn pin_thread_count() {
-    static PIN: std::sync::Once = std::sync::Once::new();
-    PIN.call_once(|| {
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            let threads = candle_core::utils::get_num_threads();
-            // std's environment lock orders this against candle's own reads of the variable.
-            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        }
+/// How a model is loaded, beyond its path and device.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Compute dtype; None: float32.
+    pub dtype: Option<DType>,
+    pub quantization: Quantization,
+    /// CPU threads; None: one per physical core. Process-wide, fixed by the first load.
+    pub num_threads: Option<usize>,
+}
+
+/// Fixes the CPU thread count for the process and returns it. candle sizes its thread pools
+/// once, from RAYON_NUM_THREADS, and without the variable rereads /proc and sysfs on every
+/// matmul (measured as 7x a small model's decode step), so it is set once here.
+fn pin_thread_count(requested: Option<usize>) -> Result<usize> {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if requested == Some(0) {
+        return Err(Error::invalid("num_threads must be at least 1"));
+    }
+    let threads = *THREADS.get_or_init(|| {
+        let threads = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .or(requested)
+            .unwrap_or_else(candle_core::utils::get_num_threads);
+        // std's environment lock orders this against candle's own reads of the variable.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        threads
     });
+    match requested {
+        Some(n) if n != threads => Err(Error::invalid(format!(
+            "num_threads={n}, but this process already runs on {threads} threads (set by the first model \
+             loaded, or RAYON_NUM_THREADS); the thread count cannot change once set"
+        ))),
+        _ => Ok(threads),
+    }
+}
+
+/// The CPU threads this process computes on.
+pub fn num_threads() -> usize {
+    pin_thread_count(None).unwrap_or(1)
 }
 
 impl Generator {
     /// Loads an HF model directory (config.json, generation_config.json (optional),
     /// tokenizer.json, model.safetensors or its shards) or a `.gguf` file. `dtype` None: float32.
     pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
-        pin_thread_count();
-        let dtype = dtype.unwrap_or(DType::F32);
+        Self::load_with(path, device, &LoadOptions { dtype, ..Default::default() })
+    }
+
+    /// `load`, with quantization and the thread count.
+    pub fn load_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
+        pin_thread_count(opts.num_threads)?;
+        let dtype = opts.dtype.unwrap_or(DType::F32);
         if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-            return Self::load_gguf(path, device, dtype);
+            return Self::load_gguf(path, device, dtype, opts.quantization);
         }
         if !path.is_dir() {
             return Err(Error::NotFound { what: "model directory or .gguf file", path: path.into() });
@@ -87,17 +121,17 @@ impl Generator {
         let defaults = GenerationDefaults::from_dir(path)?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::from_dir(path)?;
-        let weights = Weights::from_dir(path, dtype, device)?;
+        let weights = Weights::from_dir(path, dtype, device)?.with_quantization(opts.quantization);
         Self::assemble(config, weights, tokenizer, defaults, chat_template, dtype, device)
     }
 
-    /// A GGUF file: config, tokenizer and chat template from its metadata, weights dequantized.
-    fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    /// A GGUF file: config, tokenizer and chat template from its metadata.
+    fn load_gguf(path: &Path, device: &Device, dtype: DType, quantization: Quantization) -> Result<Self> {
         let gguf = Gguf::open(path)?;
         let config = gguf.config()?;
         let tokenizer = crate::gguf_tokenizer::tokenizer_from_gguf(gguf.content())?;
         let chat_template = gguf.chat_template()?;
-        let weights = Weights::from_tensors(gguf.weights(&config)?, dtype, device);
+        let weights = Weights::from_tensors(gguf.weights(&config)?, dtype, device).with_quantization(quantization);
         Self::assemble(config, weights, tokenizer, GenerationDefaults::default(), chat_template, dtype, device)
     }
 

@@ -219,6 +219,17 @@ impl Granite {
         &self.cfg
     }
 
+    /// Every weight matrix once (a tied lm_head is the embedding): what one decode step reads.
+    pub fn matrices(&self) -> Vec<&Weight> {
+        let layers = self.layers.iter().flat_map(|l| {
+            [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj]
+                .into_iter()
+                .flat_map(|p| p.weights())
+        });
+        let head = if self.cfg.tie_word_embeddings { &[] } else { self.lm_head.weights() };
+        std::iter::once(&self.embed_tokens).chain(layers).chain(head).collect()
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

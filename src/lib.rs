@@ -25,7 +25,7 @@ mod python;
 pub use batch::{generate_batch, BatchOutput};
 pub use config::GraniteConfig;
 pub use error::{Error, Result};
-pub use generate::{FinishReason, GenerateParams, Generator};
+pub use generate::{FinishReason, GenerateParams, Generator, LoadOptions};
 pub use generation::{Generation, Timings, TokenLogprob};
 pub use granite::{ForwardOptions, Granite, Logits};
 pub use kv_cache::KvCache;

@@ -137,12 +137,20 @@ class _Generates:
 class Generator(_Generates):
     """A Granite (or Llama) model loaded from a ``.gguf`` file or an HF model directory.
 
-    A GGUF file (architectures ``llama`` and ``granite``) is dequantized to the compute dtype; its
+    A GGUF file (architectures ``llama`` and ``granite``) keeps its quantized weights as stored
+    (Q4_0, Q4_1 and Q8_0 are computed exactly as their dequantized values; the k-quants through
+    candle's quantized matmul, which quantizes the activations as llama.cpp does); its
     tokenizer and chat template are built from its metadata as transformers builds them. A
     directory holds ``config.json``, ``tokenizer.json``, ``model.safetensors`` (or shards with
     ``model.safetensors.index.json``), and optionally ``generation_config.json`` (its values become
     the defaults of the generation keywords, as in transformers) and a chat template
     (``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.json``).
+
+    ``quantize`` converts the weight matrices at load: ``"q8_0"``, ``"q4_0"``, ``"q4_1"``,
+    ``"q4_k"``, ``"q5_k"``, ``"q6_k"`` (rows that a k-quant's 256-value blocks do not divide
+    become Q8_0), or ``"none"`` to dequantize a GGUF to the compute dtype. Quantized weights run
+    on the CPU. ``num_threads`` sets the CPU threads (default: one per physical core); it is
+    process-wide and fixed by the first model loaded (ValueError if a later one asks for another).
 
     A Generator is immutable and thread-safe; every call gets its own KV cache, and all model work
     runs with the GIL released.
@@ -170,6 +178,8 @@ class Generator(_Generates):
         *,
         device: str = "cpu",
         dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+        quantize: Optional[Literal["none", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]] = None,
+        num_threads: Optional[int] = None,
     ) -> Generator: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""
@@ -197,6 +207,15 @@ class Generator(_Generates):
         """End-of-sequence ids from config.json and generation_config.json."""
     @property
     def device(self) -> str: ...
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weight matrices: what one decode step reads."""
+    @property
+    def weight_types(self) -> dict[str, int]:
+        """How many weight matrices have each type (``f32``, ``bf16``, ``q4_1``, ...)."""
+    @property
+    def num_threads(self) -> int:
+        """CPU threads used for compute, process-wide."""
     @property
     def dtype(self) -> str: ...
 

@@ -156,6 +156,10 @@ def load_generator(args: argparse.Namespace) -> Tuple[Any, Path, float]:
         kwargs["device"] = args.device
     if args.dtype is not None:
         kwargs["dtype"] = args.dtype
+    if getattr(args, "quantize", None) is not None:
+        kwargs["quantize"] = args.quantize
+    if getattr(args, "threads", None) is not None:
+        kwargs["num_threads"] = args.threads
     try:
         with Progress(f"loading {path.name}", enabled=not args.quiet) as progress:
             g = granite_rs.Generator(str(path), **kwargs)
@@ -707,6 +711,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "model": str(path),
         "device": g.device,
         "dtype": g.dtype,
+        "weight_types": g.weight_types,
+        "weight_bytes": g.weight_bytes,
+        "threads": g.num_threads,
         "prompt_tokens": runs[0]["prompt_tokens"],
         "requested_prompt_tokens": args.prompt_tokens,
         "new_tokens": runs[0]["new_tokens"],
@@ -729,7 +736,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def fmt(value: Optional[float], spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    print(f"model   {path}  ({g.device}, {g.dtype})")
+    print(f"model   {path}  ({g.device}, {g.dtype}, {g.num_threads} threads)")
+    types = ", ".join(f"{n} {t}" for t, n in g.weight_types.items())
+    print(f"weights {g.weight_bytes / 2**20:,.1f} MiB read per token ({types})")
     print(f"prompt  {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, "
           f"median of {args.reps} run{'s' if args.reps != 1 else ''}")
     rows = [
@@ -738,6 +747,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ("time to first token", fmt(None if result["time_to_first_token_s"] is None
                                     else result["time_to_first_token_s"] * 1e3, ",.1f"), "ms"),
         ("decode", fmt(result["decode_tokens_per_s"], ",.1f"), "tokens/s"),
+        ("decode weight reads", fmt(None if result["decode_tokens_per_s"] is None
+                                    else result["decode_tokens_per_s"] * g.weight_bytes / 1e9, ",.1f"), "GB/s"),
         ("total per run", fmt(result["total_s"], ".3f"), "s"),
         ("RSS after load", fmt(None if rss_after_load is None else rss_after_load / 2**20, ",.1f"), "MiB"),
         ("peak RSS", fmt(None if peak is None else peak / 2**20, ",.1f"), "MiB"),
@@ -853,7 +864,7 @@ def _dtype(value: str) -> str:
 
 
 def _add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
-    """--model/--device/--dtype/--quiet; on subcommands with SUPPRESS defaults so that they may be
+    """--model/--device/--dtype/--quantize/--threads/--quiet; on subcommands with SUPPRESS defaults so that they may be
     given before or after the command without one position resetting the other."""
     default = argparse.SUPPRESS if suppress else None
     g = p.add_argument_group("model options")
@@ -863,6 +874,12 @@ def _add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help="where to run: cpu (default), or cuda, cuda:N, metal if this build supports it")
     g.add_argument("--dtype", type=_dtype, metavar="DTYPE", default=default,
                    help="compute dtype: float32, bfloat16 or float16 (default: float32 on cpu)")
+    g.add_argument("--quantize", metavar="TYPE", default=default,
+                   choices=["none", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"],
+                   help="convert the weight matrices at load: q8_0, q4_0, q4_1, q4_k, q5_k, q6_k, or none "
+                        "(dequantize a GGUF); default: as stored")
+    g.add_argument("--threads", type=int, metavar="N", default=default,
+                   help="CPU threads (default: one per physical core)")
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="no progress lines or notes on stderr")
 

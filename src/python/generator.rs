@@ -17,6 +17,7 @@ use crate::config::parse_dtype;
 use crate::error::{Error, Result};
 use crate::generate;
 use crate::session;
+use crate::weights::Quantization;
 
 fn device(name: &str) -> Result<Device> {
     let ordinal = match name {
@@ -157,12 +158,14 @@ pub struct Generator {
 #[pymethods]
 impl Generator {
     #[new]
-    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None))]
+    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None, quantize = None, num_threads = None))]
     fn new(
         py: Python<'_>,
         model_dir: PathBuf,
         device: &str,
         dtype: Option<&str>,
+        quantize: Option<&str>,
+        num_threads: Option<usize>,
     ) -> PyResult<PyClassInitializer<Self>> {
         let dtype = dtype
             .map(|d| {
@@ -171,8 +174,19 @@ impl Generator {
                 })
             })
             .transpose()?;
+        let quantization = quantize
+            .map(|q| {
+                Quantization::parse(q).ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "quantize must be \"none\", \"q8_0\", \"q4_0\", \"q4_1\", \"q4_k\", \"q5_k\" or \"q6_k\", got {q:?}"
+                    ))
+                })
+            })
+            .transpose()?
+            .unwrap_or_default();
         let dev = self::device(device)?;
-        let inner = py.detach(|| generate::Generator::load(&model_dir, &dev, dtype))?;
+        let opts = generate::LoadOptions { dtype, quantization, num_threads };
+        let inner = py.detach(|| generate::Generator::load_with(&model_dir, &dev, &opts))?;
         let inner = Arc::new(inner);
         let base = Generates { generator: inner.clone(), home: None };
         Ok(PyClassInitializer::from(base).add_subclass(Self { inner, device: device.to_string() }))
@@ -248,6 +262,27 @@ impl Generator {
     #[getter]
     fn device(&self) -> &str {
         &self.device
+    }
+
+    /// Bytes of the weight matrices (what one decode step reads), and how many of each type.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.inner.model().matrices().iter().map(|w| w.size_in_bytes()).sum()
+    }
+
+    #[getter]
+    fn weight_types(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut types = std::collections::BTreeMap::new();
+        for w in self.inner.model().matrices() {
+            *types.entry(w.type_name()).or_insert(0) += 1;
+        }
+        types
+    }
+
+    /// CPU threads used for compute (process-wide).
+    #[getter]
+    fn num_threads(&self) -> usize {
+        generate::num_threads()
     }
 
     #[getter]
