@@ -106,9 +106,9 @@ fn check_norm(x: &Tensor, weight: &Tensor) -> Result<()> {
 }
 
 fn check_tables(cos: &Tensor, sin: &Tensor, b: usize, t: usize, d: usize) -> Result<()> {
-    let ok = match cos.dims() {
-        &[t_cs, half] => t_cs >= t && half * 2 == d,
-        &[cb, t_cs, half] => cb == b && t_cs >= t && half * 2 == d,
+    let ok = match *cos.dims() {
+        [t_cs, half] => t_cs >= t && half * 2 == d,
+        [cb, t_cs, half] => cb == b && t_cs >= t && half * 2 == d,
         _ => false,
     };
     if !ok || cos.shape() != sin.shape() || !cos.is_contiguous() || !sin.is_contiguous() {
