@@ -13,12 +13,15 @@ pub mod gguf_tokenizer;
 pub mod granite;
 pub mod kv_cache;
 pub mod linear;
+pub mod ops;
 pub mod rope;
 pub mod sampling;
 pub mod session;
 pub mod tokenizer;
 pub mod weights;
 
+#[cfg(feature = "cuda")]
+mod cuda;
 #[cfg(feature = "python")]
 mod python;
 
