@@ -2,13 +2,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::RmsNorm;
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{Activation, GraniteConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::{Linear, Weight};
+use crate::ops;
 use crate::rope::RotaryEmbedding;
 use crate::weights::Weights;
 
@@ -23,10 +23,6 @@ fn linear(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) 
 fn fused_linear(w: &Weights, prefixes: &[(&str, usize)], in_dim: usize, bias: bool) -> Result<Linear> {
     let parts = prefixes.iter().map(|(p, out_dim)| linear(w, p, *out_dim, in_dim, bias)).collect::<Result<Vec<_>>>()?;
     Linear::stack(parts)
-}
-
-fn rms_norm(w: &Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
-    Ok(RmsNorm::new(w.get(&format!("{name}.weight"), &[size])?, eps))
 }
 
 /// What every layer needs to know about the positions of one forward.
@@ -69,17 +65,26 @@ impl Attention {
     fn forward(&self, x: &Tensor, pos: &Positions, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = self.qkv_proj.forward(x)?; // (b, t, (nh + 2 nkv) hd)
-        let heads = |start: usize, n: usize| -> Result<Tensor> {
-            // (b, t, n hd) -> (b, n, t, hd)
-            Ok(qkv.narrow(D::Minus1, start * hd, n * hd)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = candle_nn::rotary_emb::rope(&heads(0, nh)?, &pos.cos, &pos.sin)?;
-        let k = candle_nn::rotary_emb::rope(&heads(nh, nkv)?, &pos.cos, &pos.sin)?;
-        let v = heads(nh + nkv, nkv)?;
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
+        // Views of the projection, (b, heads, t, hd) each: the ops below read them in place.
+        let qkv = self.qkv_proj.forward(x)?.reshape((b, t, nh + 2 * nkv, hd))?;
+        let heads = |start: usize, n: usize| qkv.narrow(2, start, n)?.transpose(1, 2);
+        let (q, k, v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
+        let (q, k, v) = match cache {
+            Some((cache, layer)) => {
+                let start = cache.len();
+                let (k_cache, v_cache) = cache.layer(layer);
+                let q = ops::rope_write_kv(&q, &k, &v, &pos.cos, &pos.sin, k_cache, v_cache, start)?;
+                if pos.mask.is_none() {
+                    // One unpadded query per row: attention straight over the cache.
+                    let out = ops::decode_attention(&q, k_cache, v_cache, start + 1, self.scale)?;
+                    return self.o_proj.forward(&out.reshape((b, 1, nh * hd))?);
+                }
+                (q, k_cache.narrow(2, 0, start + t)?, v_cache.narrow(2, 0, start + t)?)
+            }
+            None => {
+                let rope = |x: &Tensor| candle_nn::rotary_emb::rope(&x.contiguous()?, &pos.cos, &pos.sin);
+                (rope(&q)?, rope(&k)?, v.contiguous()?)
+            }
         };
         let len = k.dim(2)?;
         // GQA without copying K/V: the n_rep query heads of one kv head become rows of one matrix.
@@ -93,7 +98,7 @@ impl Attention {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // (b, nkv, n_rep t, hd)
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 }
 
@@ -118,7 +123,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?; // (b, t, 2 intermediate)
         let hidden = match self.act {
-            Activation::Silu => candle_nn::ops::swiglu(&gate_up)?,
+            Activation::Silu => ops::swiglu(&gate_up)?,
             act => {
                 let halves = gate_up.chunk(2, D::Minus1)?;
                 let gate = match act {
@@ -129,35 +134,26 @@ impl Mlp {
                 (gate * &halves[1])?
             }
         };
-        Ok(self.down_proj.forward(&hidden)?)
+        self.down_proj.forward(&hidden)
     }
 }
 
 struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    input_layernorm: Tensor,
     self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
+    post_attention_layernorm: Tensor,
     mlp: Mlp,
-    residual_multiplier: f64,
 }
 
 impl DecoderLayer {
     fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
-        let norm = |name: &str| rms_norm(w, &format!("{prefix}.{name}"), cfg.hidden_size, cfg.rms_norm_eps);
+        let norm = |name: &str| w.get(&format!("{prefix}.{name}.weight"), &[cfg.hidden_size]);
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load(w, &format!("{prefix}.self_attn"), cfg)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             mlp: Mlp::load(w, &format!("{prefix}.mlp"), cfg)?,
-            residual_multiplier: cfg.residual_multiplier(),
         })
-    }
-
-    fn forward(&self, x: &Tensor, pos: &Positions, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, pos, cache)?;
-        let x = (x + attn.affine(self.residual_multiplier, 0.0)?)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((x + mlp.affine(self.residual_multiplier, 0.0)?)?)
     }
 }
 
@@ -181,7 +177,8 @@ pub struct Granite {
     /// (vocab, hidden)
     embed_tokens: Weight,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    /// The final RMSNorm's weight.
+    norm: Tensor,
     /// Shares `embed_tokens` when the embeddings are tied.
     lm_head: Linear,
     rotary: RotaryEmbedding,
@@ -206,7 +203,7 @@ impl Granite {
         Ok(Self {
             embed_tokens,
             layers,
-            norm: rms_norm(w, "model.norm", hidden, cfg.rms_norm_eps)?,
+            norm: w.get("model.norm.weight", &[hidden])?,
             lm_head,
             rotary,
             cfg: cfg.clone(),
@@ -291,22 +288,33 @@ impl Granite {
         }
         let (cos, sin) = self.rotary.cos_sin(start, t, opts.left_pad)?;
         let pos = Positions { cos, sin, mask: self.causal_mask(start, t, opts.left_pad)? };
-        let mut x = self.embed_tokens.rows(ids, self.dtype)?;
-        x = x.affine(self.cfg.embedding_multiplier(), 0.0)?;
+        let x = self.embed_tokens.rows(ids, self.dtype)?.affine(self.cfg.embedding_multiplier(), 0.0)?;
+        // Each residual add is fused with the RMSNorm that follows it, the next layer's included.
+        let (eps, residual_multiplier) = (self.cfg.rms_norm_eps, self.cfg.residual_multiplier());
+        let norms: Vec<&Tensor> = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.input_layernorm, &l.post_attention_layernorm])
+            .chain([&self.norm])
+            .collect();
+        let (mut x, mut h) = (x.clone(), ops::rms_norm(&x, norms[0], eps)?);
         for (i, layer) in self.layers.iter().enumerate() {
             // A cancelled forward leaves the cache length as it was: what it wrote is overwritten later.
             if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return Err(Error::Cancelled);
             }
-            x = layer.forward(&x, &pos, cache.as_deref_mut().map(|c| (c, i)))?;
+            let attn = layer.self_attn.forward(&h, &pos, cache.as_deref_mut().map(|c| (c, i)))?;
+            (x, h) = ops::add_rms_norm(&x, &attn, residual_multiplier, norms[2 * i + 1], eps)?;
+            let mlp = layer.mlp.forward(&h)?;
+            (x, h) = ops::add_rms_norm(&x, &mlp, residual_multiplier, norms[2 * i + 2], eps)?;
         }
         if let Some(c) = cache {
             c.advance(t);
         }
         if which == Logits::Last {
-            x = x.narrow(1, t - 1, 1)?;
+            h = h.narrow(1, t - 1, 1)?;
         }
-        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        let logits = self.lm_head.forward(&h)?;
         Ok((logits / self.cfg.logits_scaling())?.to_dtype(DType::F32)?)
     }
 }

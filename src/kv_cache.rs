@@ -1,4 +1,4 @@
-//! Per-layer key/value cache, preallocated and written in place at the current position.
+//! Per-layer key/value cache, preallocated; each forward writes its positions in place (ops::rope_write_kv).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -57,13 +57,10 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes k and v, each (batch, n_kv_heads, t, head_dim), at the current position of `layer`
-    /// and returns views of everything cached there, each (batch, n_kv_heads, len + t, head_dim).
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(2)?;
-        self.k[layer].slice_set(k, 2, self.len)?;
-        self.v[layer].slice_set(v, 2, self.len)?;
-        Ok((self.k[layer].narrow(2, 0, self.len + t)?, self.v[layer].narrow(2, 0, self.len + t)?))
+    /// The whole storage of `layer`, k and v, each (batch, n_kv_heads, capacity, head_dim):
+    /// positions from `len()` on are free for the forward that writes them.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.k[layer], &self.v[layer])
     }
 
     /// Forgets every position from `len` on (the storage stays for reuse).
@@ -77,7 +74,7 @@ impl KvCache {
         Ok(Self { k: copy(&self.k)?, v: copy(&self.v)?, len: self.len })
     }
 
-    /// Marks `t` more positions as filled, once every layer has appended them.
+    /// Marks `t` more positions as filled, once every layer has written them.
     pub fn advance(&mut self, t: usize) {
         self.len += t;
     }

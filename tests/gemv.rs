@@ -11,9 +11,8 @@ use granite_rs::linear::{Linear, Weight};
 fn random(shape: (usize, usize), seed: u64) -> Tensor {
     // Deterministic values in [-1, 1) without a RNG dependency: a multiplicative hash.
     let n = shape.0 * shape.1;
-    let v: Vec<f32> = (0..n as u64)
-        .map(|i| ((i.wrapping_add(seed).wrapping_mul(2654435761) % 2000) as f32 / 1000.0) - 1.0)
-        .collect();
+    let v: Vec<f32> =
+        (0..n as u64).map(|i| ((i.wrapping_add(seed).wrapping_mul(2654435761) % 2000) as f32 / 1000.0) - 1.0).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
