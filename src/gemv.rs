@@ -254,11 +254,17 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// A method, so that closures capture the whole `Out` rather than its raw pointer field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 fn run<F: Format>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
     let m = x.len() / k;
     let out = Out(out.as_mut_ptr());
     let work = |rows: Range<usize>| {
-        let out = out;
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
             // At most 4 activation rows per pass over the weights keeps the accumulators in registers.
@@ -266,7 +272,7 @@ fn run<F: Format>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
                 let xs = &x[first * k..];
                 // SAFETY: the features are present; shapes were checked by `gemv`.
                 unsafe {
-                    let (w, o) = (w.as_ptr(), out.0.add(first * n));
+                    let (w, o) = (w.as_ptr(), out.ptr().add(first * n));
                     match m - first {
                         1 => x86::rows::<F, 1>(w, k, xs, rows.clone(), o, n),
                         2 => x86::rows::<F, 2>(w, k, xs, rows.clone(), o, n),
@@ -277,7 +283,7 @@ fn run<F: Format>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
             }
             return;
         }
-        rows_scalar::<F>(w, k, x, m, rows, out.0, n);
+        rows_scalar::<F>(w, k, x, m, rows, out.ptr(), n);
     };
     // Below this many weight bytes, waking the pool costs more than it saves.
     if n * (k / GROUP) * F::BYTES < 64 * 1024 {
