@@ -1,7 +1,8 @@
 """Convert HF fixtures to `granite` GGUFs with llama.cpp's own converter (convert_hf_to_gguf.py).
 
-Needs torch, transformers and numpy (as the converter does); llama.cpp's bundled gguf-py is used,
-not an installed `gguf`. The outputs are committed, so tests need neither torch nor llama.cpp:
+Needs what the converter imports: torch, transformers, numpy and sentencepiece; llama.cpp's
+bundled gguf-py is used, not an installed `gguf`. The outputs are committed, so the tests need
+neither torch nor llama.cpp:
 
     python scripts/make_granite_gguf.py [LLAMA_CPP_DIR] [--out tests/fixtures/granite_gguf]
 
