@@ -1,0 +1,101 @@
+"""Convert HF fixtures to `granite` GGUFs with llama.cpp's own converter (convert_hf_to_gguf.py).
+
+Needs what the converter imports: torch, transformers, numpy and sentencepiece; llama.cpp's
+bundled gguf-py is used, not an installed `gguf`. The outputs are committed, so the tests need
+neither torch nor llama.cpp:
+
+    python scripts/make_granite_gguf.py [LLAMA_CPP_DIR] [--out tests/fixtures/granite_gguf]
+
+LLAMA_CPP_DIR is a llama.cpp source tree, e.g. vendor/llama.cpp of the unpacked llama-cpp-python
+sdist; without it the pinned sdist (SDIST_URL) is downloaded from PyPI into a temporary directory.
+Each fixture in CASES becomes `<case>.gguf` (f32 tensors).
+
+Our fixtures' tokenizer has a pre-tokenizer hash the converter does not know. It is GPT-2's
+(ByteLevel with its regex, no prefix space), so the converter's hash lookup is replaced by the
+answer `gpt-2` after checking that tokenizer.json says so.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+CASES = ["mha_tied", "gqa_untied"]
+SDIST_URL = (
+    "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/"
+    "llama_cpp_python-0.3.36.tar.gz"
+)
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+GRANITE_KEYS = ["embedding_scale", "residual_scale", "attention.scale", "logit_scale"]
+
+
+def fetch_llama_cpp(tmp: Path) -> Path:
+    """The pinned llama-cpp-python sdist, checked and unpacked; its vendored llama.cpp tree."""
+    archive = tmp / "sdist.tar.gz"
+    with urllib.request.urlopen(SDIST_URL) as r:
+        archive.write_bytes(r.read())
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    if digest != SDIST_SHA256:
+        sys.exit(f"sdist sha256 {digest} != {SDIST_SHA256}")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    return next(tmp.glob("llama_cpp_python-*/vendor/llama.cpp"))
+
+
+def check_gpt2_pre_tokenizer(case_dir: Path) -> None:
+    pre = json.loads((case_dir / "tokenizer.json").read_text())["pre_tokenizer"]
+    expected = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    if any(pre.get(k) != v for k, v in expected.items()):
+        sys.exit(f"{case_dir}: pre-tokenizer {pre} is not GPT-2's")
+
+
+def convert(case: str, out: Path) -> Path:
+    import convert_hf_to_gguf
+    from conversion.base import TextModel
+
+    case_dir = FIXTURES / case
+    check_gpt2_pre_tokenizer(case_dir)
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+    path = out / f"{case}.gguf"
+    sys.argv = ["convert_hf_to_gguf.py", str(case_dir), "--outtype", "f32", "--outfile", str(path)]
+    convert_hf_to_gguf.main()
+    return path
+
+
+def check(path: Path) -> None:
+    """The keys our loader reads, printed; exits unless this is a granite GGUF with Granite's scalars."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    arch = reader.get_field("general.architecture").contents()
+    scalars = {k: reader.get_field(f"granite.{k}") for k in GRANITE_KEYS}
+    if arch != "granite" or None in scalars.values():
+        sys.exit(f"{path}: architecture {arch}, scalars {scalars}")
+    print(f"{path.name}: {path.stat().st_size} bytes, general.architecture = {arch}")
+    for k, field in scalars.items():
+        print(f"  granite.{k} = {field.contents()}")
+    print(f"  tokenizer.ggml.pre = {reader.get_field('tokenizer.ggml.pre').contents()}")
+    print(f"  tensors: {sorted({t.tensor_type.name for t in reader.tensors})}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("llama_cpp", type=Path, nargs="?", help="llama.cpp source tree (default: fetch the sdist)")
+    parser.add_argument("--out", type=Path, default=FIXTURES / "granite_gguf")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        llama_cpp = (args.llama_cpp or fetch_llama_cpp(Path(tmp))).resolve()
+        sys.path[:0] = [str(llama_cpp), str(llama_cpp / "gguf-py")]
+        for case in CASES:
+            check(convert(case, args.out.resolve()))
+
+
+if __name__ == "__main__":
+    main()

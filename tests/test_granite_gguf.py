@@ -1,0 +1,30 @@
+"""`granite` GGUFs from llama.cpp's convert_hf_to_gguf.py (tests/fixtures/granite_gguf, made by
+scripts/make_granite_gguf.py) against the HF fixtures they were converted from."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import read_safetensors
+from granite_rs import Generator
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CASES = ["mha_tied", "gqa_untied"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gguf_matches_transformers_and_the_hf_directory(case):
+    ref = read_safetensors(FIXTURES / case / "reference.safetensors")
+    g, hf = Generator(FIXTURES / "granite_gguf" / f"{case}.gguf"), Generator(FIXTURES / case)
+    ids = ref["input_ids"].tolist()
+    logits = g.logits(ids)
+    assert np.abs(logits - ref["logits"]).max() <= 1e-4 * np.abs(ref["logits"]).max()
+    assert g.generate_ids(ids, max_new_tokens=32, ignore_eos=True) == ref["greedy_ids"].tolist()
+
+    text = "<|start_of_role|>user<|end_of_role|>The quick brown fox likes 你好 and 🦊. 1234 3.14<|end_of_text|>"
+    assert g.encode(text) == hf.encode(text)
+    assert g.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False)
+    messages = [{"role": "user", "content": "Hello!"}]
+    assert g.apply_chat_template(messages) == hf.apply_chat_template(messages)
+    assert (g.vocab_size, g.context_length, g.eos_token_ids) == (hf.vocab_size, hf.context_length, hf.eos_token_ids)
