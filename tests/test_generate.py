@@ -155,3 +155,30 @@ def test_long_generation_past_the_initial_cache_matches_one_full_forward(tmp_pat
     assert len(new) == 1100
     greedy_again = g.logits(prompt + new[:-1]).argmax(axis=-1)[len(prompt) - 1 :]
     assert greedy_again.tolist() == new
+
+
+def test_generate_ids_with_details(gen):
+    ids = gen.encode("The quick brown fox")
+    plain = gen.generate_ids(ids, max_new_tokens=6, ignore_eos=True)
+    r = gen.generate_ids(ids, max_new_tokens=6, ignore_eos=True, details=True)
+    assert isinstance(r, granite_rs.GenerationResult)
+    assert r.token_ids == plain and r.prompt_tokens == len(ids) and r.finish_reason == "length"
+    assert r.text == gen.decode(plain)
+
+
+def test_quantize_and_weight_types(tmp_path):
+    from conftest import make_checkpoint
+
+    d = make_checkpoint(tmp_path / "m", hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+    dense, q8 = Generator(d), Generator(d, quantize="q8_0")
+    assert set(dense.weight_types) == {"f32"} and set(q8.weight_types) == {"q8_0"}
+    assert q8.weight_bytes < dense.weight_bytes / 3
+    ids = dense.encode("The quick brown fox")
+    # Q8_0 weights, computed exactly from their values: close logits, the same greedy start.
+    a, b = dense.logits(ids), q8.logits(ids)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert dense.num_threads == q8.num_threads >= 1
+    with pytest.raises(ValueError, match="quantize must be"):
+        Generator(d, quantize="q3")
+    with pytest.raises(ValueError, match="num_threads"):
+        Generator(d, num_threads=dense.num_threads + 1)

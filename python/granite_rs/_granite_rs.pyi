@@ -121,9 +121,12 @@ class _Generates:
     def generate(self, prompt: str, *, details: Literal[False] = False, **kwargs: Unpack[GenerateOptions]) -> str: ...
     @overload
     def generate(self, prompt: str, *, details: Literal[True], **kwargs: Unpack[GenerateOptions]) -> GenerationResult: ...
-    def generate_ids(self, ids: Sequence[int], **kwargs: Unpack[GenerateOptions]) -> list[int]:
-        """The new token ids after ``ids`` (an end-of-sequence token that ended it included).
-        Ids outside [0, vocab_size) raise ValueError."""
+    @overload
+    def generate_ids(self, ids: Sequence[int], *, details: Literal[False] = False, **kwargs: Unpack[GenerateOptions]) -> list[int]:
+        """The new token ids after ``ids`` (an end-of-sequence token that ended it included);
+        with ``details=True`` a ``GenerationResult``. Ids outside [0, vocab_size) raise ValueError."""
+    @overload
+    def generate_ids(self, ids: Sequence[int], *, details: Literal[True], **kwargs: Unpack[GenerateOptions]) -> GenerationResult: ...
     def stream(self, prompt: str, **kwargs: Unpack[GenerateOptions]) -> TextStream:
         """Like ``generate``, as an iterator of text chunks. Argument errors raise here, at once."""
     @overload

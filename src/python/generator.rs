@@ -87,17 +87,23 @@ impl Generates {
     }
 
     /// Runs to the end with Ctrl-C honoured; the text, or a GenerationResult with `details`.
-    fn run(&self, py: Python<'_>, prompt: Vec<u32>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
+    /// The new text, its ids with `ids_only`, or a GenerationResult when `details` is set.
+    fn run(
+        &self,
+        py: Python<'_>,
+        prompt: Vec<u32>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+        ids_only: bool,
+    ) -> PyResult<Py<PyAny>> {
         let options = generate_params(&self.generator, kwargs)?;
         let mut running = self.start(prompt, &options)?;
         let cancel = running.generation().cancel_flag();
         let text = watched(py, &cancel, || running.generation().run())?;
-        match options.details {
-            true => {
-                let g = running.get();
-                GenerationResult::new(g, text, g.new_tokens().to_vec()).into_py_any(py)
-            }
-            false => text.into_py_any(py),
+        let g = running.get();
+        match (options.details, ids_only) {
+            (true, _) => GenerationResult::new(g, text, g.new_tokens().to_vec()).into_py_any(py),
+            (false, true) => g.new_tokens().into_py_any(py),
+            (false, false) => text.into_py_any(py),
         }
     }
 
@@ -110,16 +116,12 @@ impl Generates {
 impl Generates {
     #[pyo3(signature = (prompt, **kwargs))]
     fn generate(&self, py: Python<'_>, prompt: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
-        self.run(py, self.encode(py, prompt)?, kwargs)
+        self.run(py, self.encode(py, prompt)?, kwargs, false)
     }
 
     #[pyo3(signature = (ids, **kwargs))]
-    fn generate_ids(&self, py: Python<'_>, ids: Vec<i64>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<u32>> {
-        let options = generate_params(&self.generator, kwargs)?;
-        let mut running = self.start(self.generator.check_ids(&ids)?, &options)?;
-        let cancel = running.generation().cancel_flag();
-        watched(py, &cancel, || running.generation().run())?;
-        Ok(running.get().new_tokens().to_vec())
+    fn generate_ids(&self, py: Python<'_>, ids: Vec<i64>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
+        self.run(py, self.generator.check_ids(&ids)?, kwargs, true)
     }
 
     #[pyo3(signature = (prompt, **kwargs))]
@@ -134,7 +136,7 @@ impl Generates {
         messages: &Bound<'_, PyList>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        self.run(py, self.chat_ids(py, messages)?, kwargs)
+        self.run(py, self.chat_ids(py, messages)?, kwargs, false)
     }
 
     #[pyo3(signature = (messages, **kwargs))]
