@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::config::read_json;
-use crate::error::{Error, Result};
+use crate::error::{candle_message, Error, Result};
 
 /// Every tensor of a checkpoint, converted to the compute dtype when asked for.
 pub struct Weights {
@@ -37,7 +37,8 @@ fn open(path: &Path) -> Result<MmapedSafetensors> {
         return Err(Error::NotFound { what: "weights file", path: path.into() });
     }
     // SAFETY: the map is read-only; like every mmap reader we rely on nobody truncating the file under us.
-    unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Safetensors { path: path.into(), reason: e.to_string() })
+    unsafe { MmapedSafetensors::new(path) }
+        .map_err(|e| Error::Safetensors { path: path.into(), reason: candle_message(e) })
 }
 
 impl Weights {
@@ -107,7 +108,7 @@ impl Weights {
         };
         let file = *location.get(name).ok_or_else(missing)?;
         let (path, st) = &files[file];
-        let bad = |e: candle_core::Error| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {e}") };
+        let bad = |e| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {}", candle_message(e)) };
         let view = st.get(name).map_err(bad)?;
         if view.shape() != shape {
             return Err(Error::WeightShape {
