@@ -51,7 +51,7 @@ impl Gguf {
                 .iter()
                 .try_fold(1usize, |n, &d| n.checked_mul(d))
                 .and_then(|n| (n / block).checked_mul(block_bytes));
-            if !bytes.is_some_and(|b| b as u64 <= len) {
+            if bytes.is_none_or(|b| b as u64 > len) {
                 return Err(bad(&self.path, format!("tensor `{name}` of shape {dims:?} does not fit in the file")));
             }
         }

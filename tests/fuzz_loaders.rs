@@ -15,7 +15,7 @@ use granite_rs::{GenerateParams, Generation, Generator};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const SEED: u64 = 0x6772_616e_6974_65;
+const SEED: u64 = 0x0067_7261_6e69_7465;
 const GGUF_CASES: usize = 6000;
 const SAFETENSORS_CASES: usize = 3000;
 const CONFIG_BYTE_CASES: usize = 500;
