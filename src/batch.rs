@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::generate::{FinishReason, GenerateParams, Generator};
 use crate::generation::Generation;
 use crate::granite::{ForwardOptions, Logits};
-use crate::sampling::Sampler;
+use crate::sampling::{check_finite, Sampler};
 use crate::tokenizer::StoppingText;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +96,7 @@ pub fn generate_batch(
         let logits = generator.model().forward_with(&input, Some(&mut cache), Logits::Last, &opts)?;
         let mut logits = logits.squeeze(1)?.to_vec2::<f32>()?; // (b, vocab)
         for (row, logits) in rows.iter_mut().zip(logits.iter_mut()).filter(|(r, _)| r.finish.is_none()) {
+            check_finite(logits, generator.model().dtype())?;
             let token = row.sampler.sample(logits, &row.prompt, &row.generated)?;
             row.push(token, generator, params, max_new_tokens)?;
         }

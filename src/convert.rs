@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::error::{Error, Result};
+use crate::error::{candle_message, Error, Result};
 use crate::gguf::Gguf;
 use crate::gguf_tokenizer::hf_tokenizer_from_metadata;
 
@@ -42,7 +42,7 @@ pub fn gguf_to_hf(src: &Path, out: &Path) -> Result<()> {
         .map(|(name, w)| Ok((name, w.dequantize(candle_core::DType::F32)?)))
         .collect::<Result<HashMap<_, _>>>()?;
     candle_core::safetensors::save(&tensors, &path)
-        .map_err(|e| Error::Safetensors { path: path.clone(), reason: e.to_string() })?;
+        .map_err(|e| Error::Safetensors { path: path.clone(), reason: candle_message(e) })?;
 
     let path = out.join("tokenizer.json");
     hf_tokenizer_from_metadata(&gguf.content().metadata)?

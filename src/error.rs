@@ -64,6 +64,11 @@ impl From<candle_core::Error> for Error {
     }
 }
 
+/// A candle error's message, without the backtrace candle appends under RUST_BACKTRACE.
+pub(crate) fn candle_message(e: candle_core::Error) -> String {
+    Error::from(e).to_string()
+}
+
 impl Error {
     pub(crate) fn config(field: &str, reason: impl Into<String>) -> Self {
         Self::Config { field: field.to_string(), reason: reason.into() }

@@ -10,7 +10,7 @@ use crate::config::{GenerationDefaults, GraniteConfig};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::granite::{Granite, Logits};
-use crate::sampling::SamplingParams;
+use crate::sampling::{check_finite, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{Quantization, Weights};
 
@@ -244,7 +244,7 @@ impl Generator {
             .collect()
     }
 
-    /// f32 logits (len, vocab) of one uncached forward over `ids`.
+    /// f32 logits (len, vocab) of one uncached forward over `ids`; NaN or inf is an error.
     pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
         if ids.is_empty() {
             return Err(Error::invalid("ids is empty"));
@@ -253,6 +253,8 @@ impl Generator {
             return Err(Error::ContextOverflow { prompt: ids.len(), limit: self.context_length() });
         }
         let input = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
-        Ok(self.model.forward(&input, None, Logits::All)?.squeeze(0)?)
+        let logits = self.model.forward(&input, None, Logits::All)?.squeeze(0)?;
+        check_finite(&logits.flatten_all()?.to_vec1()?, self.model.dtype())?;
+        Ok(logits)
     }
 }

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::generate::{FinishReason, GenerateParams, Generator};
 use crate::granite::{ForwardOptions, Logits};
 use crate::kv_cache::KvCache;
-use crate::sampling::{log_softmax, Sampler};
+use crate::sampling::{check_finite, log_softmax, Sampler};
 use crate::tokenizer::StoppingText;
 
 /// A new token's log-probability under the model, and the most likely alternatives.
@@ -149,6 +149,7 @@ impl Generation {
         let opts = ForwardOptions { cancel: Some(&self.cancel), ..Default::default() };
         let logits = model.forward_with(&input, Some(&mut self.cache), Logits::Last, &opts)?;
         let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        check_finite(&logits, model.dtype())?;
         let raw = self.top_logprobs.map(|_| log_softmax(&logits));
         let (prompt, generated) = self.tokens.split_at(self.prompt_len);
         let token = self.sampler.sample(&mut logits, prompt, generated)?;

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::chat::ChatTemplate;
 use crate::config::GraniteConfig;
-use crate::error::{Error, Result};
+use crate::error::{candle_message, Error, Result};
 use crate::linear::Weight;
 
 /// An opened GGUF file: its metadata and tensor index, read without the tensor data.
@@ -34,9 +34,32 @@ impl Gguf {
             return Err(Error::NotFound { what: "GGUF file", path: path.into() });
         }
         let file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
-        let content = Content::read(&mut BufReader::new(file))
-            .map_err(|e| bad(path, format!("not a readable GGUF file: {e}")))?;
-        Ok(Self { path: path.into(), content })
+        // candle 0.11.1's reader divides by `general.alignment` unchecked: 0 panics.
+        let read = std::panic::catch_unwind(|| Content::read(&mut BufReader::new(file)));
+        let content = read
+            .map_err(|_| bad(path, "not a readable GGUF file: its header crashed the reader (general.alignment 0?)"))?
+            .map_err(|e| bad(path, format!("not a readable GGUF file: {}", candle_message(e))))?;
+        let gguf = Self { path: path.into(), content };
+        gguf.check_sizes()?;
+        Ok(gguf)
+    }
+
+    /// Every tensor's data must fit in the file: candle multiplies the dimensions unchecked, and a
+    /// product that wraps around passes its own size check and panics later.
+    fn check_sizes(&self) -> Result<()> {
+        let len = std::fs::metadata(&self.path).map_err(|source| Error::Io { path: self.path.clone(), source })?.len();
+        for (name, info) in &self.content.tensor_infos {
+            let dims = info.shape.dims();
+            let (block, block_bytes) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+            let bytes = dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .and_then(|n| (n / block).checked_mul(block_bytes));
+            if bytes.is_none_or(|b| b as u64 > len) {
+                return Err(bad(&self.path, format!("tensor `{name}` of shape {dims:?} does not fit in the file")));
+            }
+        }
+        Ok(())
     }
 
     pub fn content(&self) -> &Content {
@@ -159,7 +182,7 @@ impl Gguf {
             let q = self
                 .content
                 .tensor(&mut reader, name, &Device::Cpu)
-                .map_err(|e| bad(&self.path, format!("tensor `{name}`: {e}")))?;
+                .map_err(|e| bad(&self.path, format!("tensor `{name}`: {}", candle_message(e))))?;
             let heads = if name.contains(".attn_q.") {
                 Some(cfg.num_attention_heads)
             } else if name.contains(".attn_k.") {

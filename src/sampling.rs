@@ -5,6 +5,7 @@
 //! transformers has no presence or frequency penalty; they follow OpenAI and vLLM, counting the
 //! generated tokens only, and are applied right after the repetition penalty as vLLM does.
 
+use candle_core::DType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -133,6 +134,13 @@ impl Sampler {
         if p.temperature != 1.0 {
             let t = p.temperature as f32;
             logits.iter_mut().for_each(|x| *x /= t);
+            // A tiny temperature sends the scores past f32's range (transformers fails here too).
+            if logits.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+                return Err(Error::Numerical(format!(
+                    "temperature {} scales the logits past float32's range; use a larger one or do_sample=False",
+                    p.temperature
+                )));
+            }
         }
         if let Some(k) = p.top_k.filter(|k| *k > 0) {
             top_k(logits, k);
@@ -158,6 +166,21 @@ impl Sampler {
         // Rounding left u above the total: take the last token that can be drawn.
         probs.iter().rposition(|p| *p > 0.0).unwrap_or(0) as u32
     }
+}
+
+/// Checks a model's raw logits: NaN or infinite values mean broken weights or, computing in
+/// float16, activations past its largest value (65504).
+pub fn check_finite(logits: &[f32], dtype: DType) -> Result<()> {
+    if logits.iter().all(|x| x.is_finite()) {
+        return Ok(());
+    }
+    let kind = if logits.iter().any(|x| x.is_nan()) { "NaN" } else { "infinite" };
+    Err(Error::Numerical(match dtype {
+        DType::F16 => {
+            format!("the logits overflowed in float16 ({kind} values); use dtype=\"float32\" or \"bfloat16\"")
+        }
+        _ => format!("the model produced {kind} logits"),
+    }))
 }
 
 /// The first index of the largest value.

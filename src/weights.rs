@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::config::read_json;
-use crate::error::{Error, Result};
+use crate::error::{candle_message, Error, Result};
 use crate::linear::Weight;
 
 /// What loading does to the weight matrices of the projections and embeddings.
@@ -68,7 +68,8 @@ fn open(path: &Path) -> Result<MmapedSafetensors> {
         return Err(Error::NotFound { what: "weights file", path: path.into() });
     }
     // SAFETY: the map is read-only; like every mmap reader we rely on nobody truncating the file under us.
-    unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Safetensors { path: path.into(), reason: e.to_string() })
+    unsafe { MmapedSafetensors::new(path) }
+        .map_err(|e| Error::Safetensors { path: path.into(), reason: candle_message(e) })
 }
 
 impl Weights {
@@ -160,7 +161,7 @@ impl Weights {
         };
         let file = *location.get(name).ok_or_else(missing)?;
         let (path, st) = &files[file];
-        let bad = |e: candle_core::Error| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {e}") };
+        let bad = |e| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {}", candle_message(e)) };
         let view = st.get(name).map_err(bad)?;
         check_shape(name, shape, view.shape())?;
         let tensor = view.load(&self.device).map_err(bad)?;

@@ -209,3 +209,80 @@ def make_checkpoint(directory: Path, *, seed: int = 0, **config_overrides) -> Pa
     write_safetensors(directory / "model.safetensors", weights, dtypes=dtypes, metadata={"format": "pt"})
     shutil.copyfile(FIXTURES_DIR / "mha_tied" / "tokenizer.json", directory / "tokenizer.json")
     return directory
+
+
+# GGUF v3 (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md), written by hand.
+GGUF_U32, GGUF_F32, GGUF_STRING, GGUF_ARRAY = 4, 6, 8, 9
+GGML_F32 = 0
+
+
+def _gguf_string(s: str) -> bytes:
+    data = s.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def _gguf_value(value) -> tuple[int, bytes]:
+    """(value type, encoding) of a str, int (u32), float (f32) or list of str."""
+    if isinstance(value, str):
+        return GGUF_STRING, _gguf_string(value)
+    if isinstance(value, int):
+        return GGUF_U32, struct.pack("<I", value)
+    if isinstance(value, float):
+        return GGUF_F32, struct.pack("<f", value)
+    return GGUF_ARRAY, struct.pack("<IQ", GGUF_STRING, len(value)) + b"".join(map(_gguf_string, value))
+
+
+def write_gguf(path: Path, metadata: dict, tensors: dict[str, tuple[np.ndarray, int]]) -> Path:
+    """Writes a GGUF v3 file: ``tensors`` maps a name to (float32 array, ggml type id); the data
+    is the array's float32 bytes whatever the type id says, so a wrong id makes a broken file."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+    for key, value in metadata.items():
+        kind, data = _gguf_value(value)
+        out += _gguf_string(key) + struct.pack("<I", kind) + data
+    blobs, offset = [], 0
+    for name, (array, ggml_type) in tensors.items():
+        data = np.ascontiguousarray(array, dtype="<f4").tobytes()
+        dims = array.shape[::-1]  # ggml lists the fastest-varying dimension first
+        out += _gguf_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset)
+        data += b"\0" * (-len(data) % 32)
+        blobs.append(data)
+        offset += len(data)
+    out += b"\0" * (-len(out) % 32)
+    Path(path).write_bytes(out + b"".join(blobs))
+    return Path(path)
+
+
+def tiny_gguf(path: Path, *, metadata: Optional[dict] = None, ggml_types: Optional[dict] = None) -> Path:
+    """A complete tiny llama GGUF (random float32 weights, a 32-token gpt2 vocabulary); ``metadata``
+    overrides keys (value None deletes), ``ggml_types`` sets a tensor's type id."""
+    config = checkpoint_config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               tie_word_embeddings=True)
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    tensors = {}
+    for hf, array in random_weights(config).items():
+        hf = hf.removeprefix("model.").removesuffix(".weight")
+        if hf.startswith("layers."):
+            _, layer, part = hf.split(".", 2)
+            name = f"blk.{layer}.{parts[part]}.weight"
+        else:
+            name = {"embed_tokens": "token_embd", "norm": "output_norm"}[hf] + ".weight"
+        tensors[name] = (array, (ggml_types or {}).get(name, GGML_F32))
+    meta = {
+        "general.architecture": "llama",
+        "llama.embedding_length": 32,
+        "llama.feed_forward_length": 64,
+        "llama.block_count": 1,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.context_length": 64,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["ab", "<s>", "</s>", ".", ",", "!"],
+        "tokenizer.ggml.merges": ["a b"],
+        "tokenizer.ggml.bos_token_id": 27,
+        "tokenizer.ggml.eos_token_id": 28,
+    }
+    meta.update(metadata or {})
+    return write_gguf(path, {k: v for k, v in meta.items() if v is not None}, tensors)

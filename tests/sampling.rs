@@ -240,3 +240,20 @@ fn top_k_one_makes_sampling_greedy() {
         assert_eq!(sampler.sample(&mut [0.1, 0.3, 3.0, 2.9], &[], &[]).unwrap(), 2);
     }
 }
+
+#[test]
+fn non_finite_logits_and_vanishing_temperatures_are_errors() {
+    use candle_core::DType;
+    use granite_rs::sampling::check_finite;
+    assert!(check_finite(&[0.0, -1e30, 1e30], DType::F16).is_ok());
+    let message = |logits: &[f32], dtype| check_finite(logits, dtype).unwrap_err().to_string();
+    assert_eq!(message(&[0.0, f32::INFINITY], DType::F32), "numerical error: the model produced infinite logits");
+    assert_eq!(message(&[f32::NEG_INFINITY, f32::NAN], DType::BF16), "numerical error: the model produced NaN logits");
+    assert!(message(&[0.0, f32::NEG_INFINITY], DType::F16)
+        .contains("the logits overflowed in float16 (infinite values); use dtype=\"float32\" or \"bfloat16\""));
+    for temperature in [1e-40, 1e-300] {
+        let params = SamplingParams { do_sample: true, temperature, seed: Some(0), ..Default::default() };
+        let e = Sampler::new(params).unwrap().sample(&mut [0.5, 2.0, -1.0], &[], &[]).unwrap_err();
+        assert!(e.to_string().contains(&format!("temperature {temperature} scales the logits past")), "{e}");
+    }
+}

@@ -17,7 +17,15 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import copy_fixture, make_checkpoint, random_weights, read_safetensors, write_safetensors
+from conftest import (
+    FIXTURES_DIR,
+    copy_fixture,
+    make_checkpoint,
+    random_weights,
+    read_safetensors,
+    tiny_gguf,
+    write_safetensors,
+)
 from granite_rs import Generator, GraniteError
 
 GOOD = "mha_tied"
@@ -85,6 +93,49 @@ def int_norm(w: dict) -> None:
     w["model.norm.weight"] = np.ones(64, dtype=np.int64)
 
 
+def int32_q_proj(w: dict) -> None:
+    w["model.layers.0.self_attn.q_proj.weight"] = np.ones((64, 64), dtype=np.int32)
+
+
+def write_bytes(name: str, data: bytes) -> Callable[[Path], None]:
+    return lambda d: (d / name).write_bytes(data)
+
+
+def patch_weights_header(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Edits the JSON header of model.safetensors in place; the tensor bytes stay as they were."""
+
+    def apply(d: Path) -> None:
+        path = d / "model.safetensors"
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        change(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+
+    return apply
+
+
+def header_length(n: int) -> Callable[[Path], None]:
+    """model.safetensors whose first 8 bytes claim a header of ``n`` bytes."""
+
+    def apply(d: Path) -> None:
+        path = d / "model.safetensors"
+        path.write_bytes(struct.pack("<Q", n) + path.read_bytes()[8:])
+
+    return apply
+
+
+def offsets_past_end(header: dict) -> None:
+    start, end = header["model.norm.weight"]["data_offsets"]
+    header["model.norm.weight"]["data_offsets"] = [start + 10**9, end + 10**9]
+
+
+def dtype_tag(tag: str) -> Callable[[dict], None]:
+    return lambda header: header["model.norm.weight"].update(dtype=tag)
+
+
 # (id, spoil the copied `mha_tied` dir, exception class, regex the message must match)
 LOAD_ERRORS = [
     ("no_config", remove("config.json"), FileNotFoundError, r"not found: .*config\.json"),
@@ -148,6 +199,36 @@ LOAD_ERRORS = [
         r"`model\.layers\.1\.mlp\.down_proj\.weight` is missing",
     ),
     ("weight_not_float", change_weights(int_norm), GraniteError, r"`model\.norm\.weight` has dtype I64"),
+    (
+        "weight_int32",
+        change_weights(int32_q_proj),
+        GraniteError,
+        r"`model\.layers\.0\.self_attn\.q_proj\.weight`.*I32",
+    ),
+    ("config_empty", write_text("config.json", ""), GraniteError, r"config\.json: EOF"),
+    ("config_not_an_object", write_text("config.json", "[1, 2]"), GraniteError, r"config\.json: invalid type"),
+    ("config_nan", edit_config(rms_norm_eps=math.nan), GraniteError, r"config\.json: expected value"),
+    ("config_hidden_size_string", edit_config(hidden_size="64"), GraniteError, r"config\.json: invalid type: string"),
+    ("config_vocab_negative", edit_config(vocab_size=-1), GraniteError, r"config\.json: invalid value: integer `-1`"),
+    ("config_rms_norm_eps_negative", edit_config(rms_norm_eps=-1e-5), GraniteError, r"`rms_norm_eps`"),
+    ("config_logits_scaling_zero", edit_config(logits_scaling=0.0), GraniteError, r"`logits_scaling`: must not be 0"),
+    ("tokenizer_broken_json", write_text("tokenizer.json", '{"model": '), GraniteError, r"tokenizer: .*EOF"),
+    ("weights_empty_file", write_bytes("model.safetensors", b""), GraniteError, r"not a valid safetensors file"),
+    ("weights_header_length_huge", header_length(2**63), GraniteError, r"not a valid safetensors file"),
+    ("weights_header_length_past_end", header_length(10**6), GraniteError, r"not a valid safetensors file"),
+    (
+        "weights_offsets_past_end",
+        patch_weights_header(offsets_past_end),
+        GraniteError,
+        r"not a valid safetensors file",
+    ),
+    ("weights_unknown_dtype_tag", patch_weights_header(dtype_tag("Q9")), GraniteError, r"not a valid safetensors file"),
+    (
+        "weights_dtype_tag_disagrees_with_size",
+        patch_weights_header(dtype_tag("F16")),
+        GraniteError,
+        r"not a valid safetensors file",
+    ),
 ]
 
 
@@ -157,8 +238,16 @@ LOAD_ERRORS = [
 def test_load_error(tmp_path, spoil, cls, message):
     model_dir = copy_fixture(tmp_path, GOOD)
     spoil(model_dir)
-    with pytest.raises(cls, match=message):
+    with pytest.raises(cls, match=message) as error:
         Generator(model_dir)
+    assert "\n" not in str(error.value)  # one line, even under RUST_BACKTRACE=1
+    good_model_still_works()
+
+
+def good_model_still_works() -> None:
+    """After a failed load the process loads and runs a good model."""
+    g = Generator(FIXTURES_DIR / GOOD)
+    assert len(g.generate_ids([1, 2, 3], max_new_tokens=2, ignore_eos=True)) == 2
 
 
 def test_model_dir_does_not_exist(tmp_path):
@@ -200,6 +289,16 @@ def test_index_places_tensor_in_wrong_shard(tmp_path):
         Generator(model_dir)
 
 
+def test_index_names_a_tensor_no_shard_holds(tmp_path):
+    model_dir = copy_fixture(tmp_path, "sharded")
+    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = weight_map["model.norm.weight"]
+    edit_index(model_dir, lambda m: m.update({"model.extra.weight": shard}))
+    with pytest.raises(GraniteError, match=rf"{re.escape(shard)}: .*does not hold `model\.extra\.weight`"):
+        Generator(model_dir)
+    good_model_still_works()
+
+
 def test_index_broken_json(tmp_path):
     model_dir = copy_fixture(tmp_path, "sharded")
     (model_dir / "model.safetensors.index.json").write_text('{"weight_map": ')
@@ -230,6 +329,62 @@ def test_tokenizer_ids_beyond_model_vocab(tmp_path):
     with pytest.raises((GraniteError, ValueError), match=r"vocab_size"):
         g = Generator(make_checkpoint(tmp_path / "m", vocab_size=100))
         g.generate("hello", max_new_tokens=1)
+
+
+# --- GGUF files ---------------------------------------------------------------------------------
+
+
+def truncate_file(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def not_gguf(path: Path) -> None:
+    path.write_bytes(b"GGML" + path.read_bytes()[4:])
+
+
+# (id, tiny_gguf keywords, then a change to the written file or None, exception class, regex)
+GGUF_ERRORS = [
+    (
+        "unknown_tensor_type",
+        dict(ggml_types={"blk.0.attn_q.weight": 99}),
+        None,
+        r"not a readable GGUF file: unknown dtype for tensor 99",
+    ),
+    ("architecture_mamba", dict(metadata={"general.architecture": "mamba"}), None, r"architecture `mamba` is not supported"),
+    ("architecture_missing", dict(metadata={"general.architecture": None}), None, r"general\.architecture is missing"),
+    (
+        "embedding_length_missing",
+        dict(metadata={"llama.embedding_length": None}),
+        None,
+        r"metadata `llama\.embedding_length` is missing",
+    ),
+    ("heads_do_not_divide_hidden", dict(metadata={"llama.attention.head_count": 3}), None, r"`num_attention_heads`"),
+    ("tokenizer_t5", dict(metadata={"tokenizer.ggml.model": "t5"}), None, r"`t5` is not supported"),
+    ("no_merges", dict(metadata={"tokenizer.ggml.merges": None}), None, r"tokenizer\.ggml\.merges"),
+    ("bad_magic", {}, not_gguf, r"not a readable GGUF file: unknown magic"),
+    ("alignment_zero", dict(metadata={"general.alignment": 0}), None, r"not a readable GGUF file: .*general\.alignment 0"),
+    ("truncated", {}, truncate_file, r"tensor needs \d+ bytes"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, damage, message", [pytest.param(*case[1:], id=case[0]) for case in GGUF_ERRORS]
+)
+def test_gguf_error(tmp_path, kwargs, damage, message):
+    path = tiny_gguf(tmp_path / "tiny.gguf", **kwargs)
+    if damage is not None:
+        damage(path)
+    with pytest.raises(GraniteError, match=message) as error:
+        Generator(path)
+    assert "\n" not in str(error.value)  # one line, even under RUST_BACKTRACE=1
+    good_model_still_works()
+
+
+def test_tiny_gguf_loads_and_generates(tmp_path):
+    """The file the GGUF cases spoil is itself good."""
+    g = Generator(tiny_gguf(tmp_path / "tiny.gguf"))
+    assert (g.vocab_size, g.context_length) == (32, 64)
+    assert len(g.generate_ids([1, 2], max_new_tokens=3, ignore_eos=True)) == 3
 
 
 # --- device and dtype -----------------------------------------------------------------------------
@@ -300,6 +455,18 @@ BAD_KWARGS = [
     ({"stop": ["\n", ""]}, ValueError, r"stop strings must not be empty"),
     ({"stop_token_ids": [384]}, ValueError, r"token id 384 is out of range for vocab_size 384"),
     ({"stop_token_ids": [-1]}, ValueError, r"token id -1 is out of range"),
+    ({"top_p": math.inf}, ValueError, r"top_p must be in \(0, 1\], got inf"),
+    ({"top_p": -0.5}, ValueError, r"top_p must be in \(0, 1\], got -0.5"),
+    ({"min_p": math.nan}, ValueError, r"min_p must be in \[0, 1\], got NaN"),
+    ({"min_p": 1.5}, ValueError, r"min_p must be in \[0, 1\], got 1.5"),
+    ({"presence_penalty": math.nan}, ValueError, r"presence_penalty must be in \[-2, 2\], got NaN"),
+    ({"presence_penalty": 3.0}, ValueError, r"presence_penalty must be in \[-2, 2\], got 3"),
+    ({"frequency_penalty": -math.inf}, ValueError, r"frequency_penalty must be in \[-2, 2\], got -inf"),
+    ({"repetition_penalty": math.inf}, ValueError, r"repetition_penalty must be a positive number, got inf"),
+    ({"top_logprobs": -1}, ValueError, r"top_logprobs must not be negative, got -1"),
+    ({"top_k": 2**64}, ValueError, r"top_k must be below 2\*\*64"),
+    ({"max_new_tokens": 2**64}, OverflowError, r"max_new_tokens"),
+    ({"temperature": 10**400}, OverflowError, r"temperature"),
     ({"max_tokens": 5}, TypeError, r"unexpected keyword argument 'max_tokens'"),
     ({"temperture": 0.5}, TypeError, r"unexpected keyword argument 'temperture'"),
 ]
@@ -326,6 +493,10 @@ WRONG_TYPES = [
     {"do_sample": "yes"},
     {"stop": 5},
     {"stop_token_ids": ["a"]},
+    {"top_k": math.nan},
+    {"seed": 1.5},
+    {"details": "yes"},
+    {"stop": [None]},
 ]
 
 
@@ -360,9 +531,26 @@ def test_token_id_out_of_range(gen, method, bad_id):
         getattr(gen, method)([1, 2, bad_id, 3])
 
 
-def test_token_id_too_large_for_int64(gen):
+@pytest.mark.parametrize("method", ["generate_ids", "decode", "logits"])
+def test_token_id_too_large_for_int64(gen, method):
     with pytest.raises(OverflowError):
-        gen.decode([2**70])
+        getattr(gen, method)([1, 2**70])
+
+
+@pytest.mark.parametrize("ids", [[1.5], ["a"], [None], "abc", None])
+@pytest.mark.parametrize("method", ["generate_ids", "decode", "logits"])
+def test_ids_of_the_wrong_type(gen, method, ids):
+    with pytest.raises(TypeError):
+        getattr(gen, method)(ids)
+
+
+def test_max_new_tokens_zero_raises(gen):
+    """max_new_tokens=0 is refused (ValueError) rather than returning nothing: every call
+    produces at least one token."""
+    for method in METHODS:
+        with pytest.raises(ValueError, match=r"max_new_tokens must be at least 1, got 0"):
+            call(gen, method, max_new_tokens=0)
+    assert len(gen.generate_ids([1, 2], max_new_tokens=1)) == 1
 
 
 def test_logits_of_no_ids(gen):
@@ -436,3 +624,56 @@ def test_seed_takes_the_whole_u64_range(gen):
         assert len(gen.generate_ids([5, 6], max_new_tokens=3, do_sample=True, seed=seed, ignore_eos=True)) == 3
     with pytest.raises(ValueError, match=r"seed must be below 2\*\*64"):
         gen.generate_ids([5, 6], do_sample=True, seed=2**64)
+
+
+# --- numerical guards -----------------------------------------------------------------------------
+
+
+def overflowing_checkpoint(directory: Path) -> Path:
+    """Weights that are fine in float32 but whose logits (about 1e6) overflow float16's 65504."""
+    model_dir = make_checkpoint(directory, tie_word_embeddings=False)
+    weights = read_safetensors(model_dir / "model.safetensors")
+    weights["model.norm.weight"] *= 1000
+    weights["lm_head.weight"] *= 1000
+    write_safetensors(model_dir / "model.safetensors", weights)
+    return model_dir
+
+
+FLOAT16_OVERFLOW = r'the logits overflowed in float16 \((infinite|NaN) values\); use dtype="float32" or "bfloat16"'
+
+
+def every_use(g: Generator) -> list[Callable[[], object]]:
+    return [
+        lambda: g.generate("hello", max_new_tokens=2),
+        lambda: g.generate("hello", max_new_tokens=2, details=True),
+        lambda: g.generate_ids([1, 2], max_new_tokens=2, do_sample=True, seed=0),
+        lambda: list(g.stream("hello", max_new_tokens=2)),
+        lambda: g.generate_batch(["hello", "a longer prompt"], max_new_tokens=2),
+        lambda: g.session().generate_ids([1, 2], max_new_tokens=2),
+        lambda: g.logits([1, 2, 3]),
+    ]
+
+
+def test_float16_overflow_is_a_clear_error(tmp_path):
+    model_dir = overflowing_checkpoint(tmp_path / "m")
+    for dtype in ("float32", "bfloat16"):
+        g = Generator(model_dir, dtype=dtype)
+        assert np.isfinite(g.logits([1, 2, 3])).all()
+        for use in every_use(g):
+            use()
+    g = Generator(model_dir, dtype="float16")
+    for use in every_use(g):
+        with pytest.raises(GraniteError, match=FLOAT16_OVERFLOW):
+            use()
+
+
+def test_nan_weights_are_a_clear_error(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "m")
+    weights = read_safetensors(model_dir / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = np.nan
+    write_safetensors(model_dir / "model.safetensors", weights)
+    g = Generator(model_dir)
+    for use in every_use(g):
+        with pytest.raises(GraniteError, match=r"numerical error: the model produced NaN logits$"):
+            use()
+    good_model_still_works()

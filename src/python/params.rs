@@ -1,8 +1,8 @@
 //! Generation keywords, read once for generate / generate_ids / stream.
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 
 use crate::generate::{GenerateParams, Generator};
 
@@ -13,23 +13,31 @@ fn non_negative(name: &str, value: i128) -> PyResult<u64> {
     })
 }
 
-/// Extracts a keyword's value; a wrong type is a TypeError that names the keyword.
+/// Extracts a keyword's value; a wrong type is a TypeError (a number out of range an
+/// OverflowError, a string with a lone surrogate a ValueError) that names the keyword.
 fn get<'a, 'py, T>(key: &str, value: &'a Bound<'py, PyAny>) -> PyResult<T>
 where
     T: FromPyObject<'a, 'py>,
     T::Error: Into<PyErr>,
 {
     value.extract::<T>().map_err(|e| {
-        let e: PyErr = e.into();
-        PyTypeError::new_err(format!("{key}: {}", e.value(value.py())))
+        let (e, py): (PyErr, _) = (e.into(), value.py());
+        let message = format!("{key}: {}", e.value(py));
+        if e.is_instance_of::<PyOverflowError>(py) {
+            PyOverflowError::new_err(message)
+        } else if e.is_instance_of::<PyValueError>(py) {
+            PyValueError::new_err(message)
+        } else {
+            PyTypeError::new_err(message)
+        }
     })
 }
 
 /// `stop` may be one string or a list of them.
 fn stop_strings(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
-    match value.extract::<String>() {
-        Ok(s) => Ok(vec![s]),
-        Err(_) => get("stop", value),
+    match value.is_instance_of::<PyString>() {
+        true => Ok(vec![get("stop", value)?]),
+        false => get("stop", value),
     }
 }
 

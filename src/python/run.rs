@@ -10,7 +10,7 @@ use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::generate::{GenerateParams, Generator};
+use crate::generate::{FinishReason, GenerateParams, Generator};
 use crate::generation::Generation;
 use crate::session::Session;
 
@@ -22,6 +22,8 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Running {
     generation: Option<Generation>,
     home: Option<Arc<Mutex<Session>>>,
+    /// The new tokens and finish reason of a generation already handed back to its session.
+    returned: (Vec<u32>, Option<FinishReason>),
 }
 
 impl Running {
@@ -35,7 +37,7 @@ impl Running {
             Some(session) => lock(session).start(prompt, params)?,
             None => Generation::new(generator.clone(), prompt, params)?,
         };
-        Ok(Self { generation: Some(generation), home })
+        Ok(Self { generation: Some(generation), home, returned: (Vec::new(), None) })
     }
 
     pub fn generation(&mut self) -> &mut Generation {
@@ -44,6 +46,28 @@ impl Running {
 
     pub fn get(&self) -> &Generation {
         self.generation.as_ref().expect("a Running holds its generation until dropped")
+    }
+
+    /// The next chunk; None once finished, or once handed back.
+    fn next_chunk(&mut self) -> Result<Option<String>> {
+        self.generation.as_mut().map_or(Ok(None), Generation::next_chunk)
+    }
+
+    /// Hands a session's cache back now, so that a finished stream does not keep it busy.
+    fn hand_back(&mut self) {
+        let Some(session) = &self.home else { return };
+        if let Some(generation) = self.generation.take() {
+            self.returned = (generation.new_tokens().to_vec(), generation.finish_reason());
+            lock(session).finish(generation);
+        }
+    }
+
+    fn new_tokens(&self) -> &[u32] {
+        self.generation.as_ref().map_or(&self.returned.0, Generation::new_tokens)
+    }
+
+    fn finish_reason(&self) -> Option<FinishReason> {
+        self.generation.as_ref().map_or(self.returned.1, Generation::finish_reason)
     }
 }
 
@@ -103,7 +127,14 @@ impl TextStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<String> {
-        let chunk = py.detach(|| lock(&self.running).generation().next_chunk());
+        let chunk = py.detach(|| {
+            let mut running = lock(&self.running);
+            let chunk = running.next_chunk();
+            if !matches!(chunk, Ok(Some(_))) {
+                running.hand_back();
+            }
+            chunk
+        });
         match chunk {
             Ok(Some(text)) => Ok(text),
             Ok(None) | Err(Error::Cancelled) => Err(PyStopIteration::new_err(())),
@@ -119,13 +150,13 @@ impl TextStream {
     /// The new token ids so far.
     #[getter]
     fn token_ids(&self) -> Vec<u32> {
-        lock(&self.running).get().new_tokens().to_vec()
+        lock(&self.running).new_tokens().to_vec()
     }
 
     /// "eos", "stop" or "length" once finished, else None.
     #[getter]
     fn finish_reason(&self) -> Option<&'static str> {
-        lock(&self.running).get().finish_reason().map(|f| f.as_str())
+        lock(&self.running).finish_reason().map(|f| f.as_str())
     }
 }
 
