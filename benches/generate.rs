@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use granite_rs::linear::Weight;
 use granite_rs::weights::Weights;
-use granite_rs::{GenerateParams, Generation, Generator, GraniteConfig, Granite, LoadOptions, Logits, Quantization};
+use granite_rs::{GenerateParams, Generation, Generator, Granite, GraniteConfig, LoadOptions, Logits, Quantization};
 
 /// A Granite-3.x-shaped model with random weights (no tokenizer: the benches feed ids).
 fn granite_shaped(dtype: DType) -> Granite {
@@ -36,7 +36,8 @@ fn granite_shaped(dtype: DType) -> Granite {
     });
     let cfg = GraniteConfig::from_json(config, Path::new("granite-shaped")).unwrap();
     let (h, i, kv) = (1024, 2816, 4 * 64);
-    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![49152, h]), ("model.norm.weight".into(), vec![h])];
+    let mut shapes =
+        vec![("model.embed_tokens.weight".to_string(), vec![49152, h]), ("model.norm.weight".into(), vec![h])];
     for l in 0..24 {
         let p = format!("model.layers.{l}");
         for (name, shape) in [

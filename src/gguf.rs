@@ -212,18 +212,26 @@ impl Gguf {
 /// transformers' `_reverse_permute_weights`. (heads * head_dim, ...) in both.
 fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
-    let half = dims[0] / heads / 2;
+    let half = rotary_half(dims[0], heads)?;
     let rest: usize = dims[1..].iter().product();
     // (heads, half, 2, rest) -> (heads, 2, half, rest)
     Ok(t.reshape((heads, half, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
+/// Rows per rotary half of one head, for `rows` rows of q or k over `heads` heads.
+fn rotary_half(rows: usize, heads: usize) -> Result<usize> {
+    if rows == 0 || heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(Error::Unsupported(format!("{rows} q/k rows do not split into {heads} heads of even size")));
+    }
+    Ok(rows / heads / 2)
+}
+
 /// `unpermute` on the rows of a quantized matrix, which are whole blocks.
 fn unpermute_quantized(q: &QTensor, heads: usize) -> Result<QTensor> {
     let (rows, _) = q.shape().dims2()?;
+    let half = rotary_half(rows, heads)?;
     let data = q.data()?;
     let row_bytes = data.len() / rows;
-    let half = rows / heads / 2;
     let mut out = Vec::with_capacity(data.len());
     for h in 0..heads {
         for s in 0..2 {
