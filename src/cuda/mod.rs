@@ -136,7 +136,9 @@ pub fn rope(
         builder_arg!(b, s.t_cs as u32, s.cs_batched as i32, cs.is_some() as i32);
         // SAFETY: as in rms_norm.
         unsafe { b.launch(linear(s.b * s.h * s.t * s.d / 2, 256)) }.w()?;
-        drop((b, dst_view));
+        // The launch borrows the destination view, which borrows `owned`.
+        drop(b);
+        drop(dst_view);
         Ok(owned.map(|o| CudaStorage::wrap_cuda_slice(o, dev)))
     }
     by_dtype!(x.dtype(), "rope", |T| run::<T>(x, shape, tables, dst))
