@@ -171,8 +171,8 @@ impl Gguf {
         Ok(Some(ChatTemplate::new(source.clone(), token("bos_token_id"), token("eos_token_id"))?))
     }
 
-    /// Every tensor under its HF name, q and k rows back in HF's order: float tensors dense in
-    /// f32, quantized ones in their GGUF type.
+    /// Every tensor under its HF name, q and k rows back in HF's order: f32 and 1-D tensors dense
+    /// in f32, the other matrices in their GGUF type.
     pub fn weights(&self, cfg: &GraniteConfig) -> Result<HashMap<String, Weight>> {
         let file = File::open(&self.path).map_err(|source| Error::Io { path: self.path.clone(), source })?;
         let mut reader = BufReader::new(file);
@@ -190,7 +190,8 @@ impl Gguf {
             } else {
                 None
             };
-            let weight = if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            // f16 and bf16 matrices stay half precision, like the quantized types.
+            let weight = if q.dtype() == GgmlDType::F32 || q.shape().rank() != 2 {
                 let t = q.dequantize(&Device::Cpu)?;
                 Weight::Dense(match heads {
                     Some(h) => unpermute(&t, h)?,

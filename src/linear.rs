@@ -10,6 +10,10 @@ use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor, D};
 use crate::error::{Error, Result};
 use crate::gemv::{self, Rows};
 
+/// Quantized types computed from their exact values (by `gemv`, or dequantized for a matmul).
+const EXACT: [GgmlDType; 6] =
+    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F16, GgmlDType::BF16, GgmlDType::F32];
+
 /// Up to this many activation rows use `gemv`; more use a matmul.
 const GEMV_MAX_ROWS: usize = 8;
 
@@ -18,7 +22,7 @@ const GEMV_MAX_ROWS: usize = 8;
 pub enum Weight {
     /// In the compute dtype.
     Dense(Tensor),
-    /// GGUF blocks, kept as stored or as quantized at load.
+    /// GGUF blocks (or f16/bf16 values) kept as stored or quantized at load; computed in f32.
     Quantized(Arc<QTensor>),
 }
 
@@ -103,12 +107,24 @@ impl Weight {
                     GgmlDType::Q4_0 => Rows::Q4_0(&data),
                     GgmlDType::Q4_1 => Rows::Q4_1(&data),
                     GgmlDType::Q8_0 => Rows::Q8_0(&data),
+                    GgmlDType::F16 => Rows::F16(cast(&data)?),
+                    GgmlDType::BF16 => Rows::BF16(cast(&data)?),
                     _ => return None,
                 };
                 Some(f(rows))
             }
         }
     }
+}
+
+/// The bytes of a half-precision QTensor as its values (candle stores them as such, aligned).
+fn cast<T>(bytes: &[u8]) -> Option<&[T]> {
+    let (size, align) = (std::mem::size_of::<T>(), std::mem::align_of::<T>());
+    if !(bytes.as_ptr() as usize).is_multiple_of(align) || !bytes.len().is_multiple_of(size) {
+        return None;
+    }
+    // SAFETY: aligned, whole values, and every bit pattern is a valid f16/bf16.
+    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) })
 }
 
 /// `x · wᵀ + b` for one or more weights stacked along the output (fused q/k/v or gate/up).
@@ -207,8 +223,8 @@ fn project(w: &Weight, x: &Tensor) -> Result<Tensor> {
     let x2 = x.contiguous()?.reshape((m, k))?;
     let y = match w {
         Weight::Dense(t) => x2.matmul(&t.t()?)?,
-        // candle's quantized matmul, for the types it has fast kernels for (it quantizes x).
-        Weight::Quantized(q) if !matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0) => {
+        // candle's quantized matmul, for the k-quants (it quantizes x).
+        Weight::Quantized(q) if !EXACT.contains(&q.dtype()) => {
             QMatMul::QTensor(q.clone()).forward(&x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
         }
         // Exact: the weights as their f32 values, as gemv computes them.

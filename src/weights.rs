@@ -26,10 +26,12 @@ pub enum Quantization {
 }
 
 impl Quantization {
-    /// "none" or a GGUF type name: q8_0, q4_0, q4_1, q4_k, q5_k, q6_k.
+    /// "none" or a GGUF type name: f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k.
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name.to_ascii_lowercase().as_str() {
             "none" => Self::Dequantize,
+            "f16" => Self::To(GgmlDType::F16),
+            "bf16" => Self::To(GgmlDType::BF16),
             "q8_0" => Self::To(GgmlDType::Q8_0),
             "q4_0" => Self::To(GgmlDType::Q4_0),
             "q4_1" => Self::To(GgmlDType::Q4_1),

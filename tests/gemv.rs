@@ -99,6 +99,8 @@ fn linear_matches_matmul_on_every_path() {
         ("dense", Weight::Dense(w1.clone()), Weight::Dense(w2.clone()), 1e-5),
         ("q8_0", quantized(&w1, GgmlDType::Q8_0), quantized(&w2, GgmlDType::Q8_0), 1e-5),
         ("q4_1 + q8_0", quantized(&w1, GgmlDType::Q4_1), quantized(&w2, GgmlDType::Q8_0), 1e-5),
+        ("f16", quantized(&w1, GgmlDType::F16), quantized(&w2, GgmlDType::F16), 1e-5),
+        ("bf16 + q4_0", quantized(&w1, GgmlDType::BF16), quantized(&w2, GgmlDType::Q4_0), 1e-5),
         // candle quantizes the activations for these: llama.cpp's approximation.
         ("q4_k", quantized(&w1, GgmlDType::Q4K), quantized(&w2, GgmlDType::Q4K), 2e-2),
         ("q6_k", quantized(&w1, GgmlDType::Q6K), quantized(&w2, GgmlDType::Q6K), 2e-2),

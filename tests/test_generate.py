@@ -170,13 +170,15 @@ def test_quantize_and_weight_types(tmp_path):
     from conftest import make_checkpoint
 
     d = make_checkpoint(tmp_path / "m", hidden_size=128, intermediate_size=256, num_hidden_layers=2)
-    dense, q8 = Generator(d), Generator(d, quantize="q8_0")
+    dense, q8, half = Generator(d), Generator(d, quantize="q8_0"), Generator(d, quantize="bf16")
     assert set(dense.weight_types) == {"f32"} and set(q8.weight_types) == {"q8_0"}
+    assert set(half.weight_types) == {"bf16"} and half.weight_bytes * 2 == dense.weight_bytes
     assert q8.weight_bytes < dense.weight_bytes / 3
     ids = dense.encode("The quick brown fox")
     # Q8_0 weights, computed exactly from their values: close logits, the same greedy start.
     a, b = dense.logits(ids), q8.logits(ids)
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert np.abs(a - half.logits(ids)).max() < 0.02 * np.abs(a).max()
     assert dense.num_threads == q8.num_threads >= 1
     with pytest.raises(ValueError, match="quantize must be"):
         Generator(d, quantize="q3")

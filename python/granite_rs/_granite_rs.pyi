@@ -140,8 +140,8 @@ class _Generates:
 class Generator(_Generates):
     """A Granite (or Llama) model loaded from a ``.gguf`` file or an HF model directory.
 
-    A GGUF file (architectures ``llama`` and ``granite``) keeps its quantized weights as stored
-    (Q4_0, Q4_1 and Q8_0 are computed exactly as their dequantized values; the k-quants through
+    A GGUF file (architectures ``llama`` and ``granite``) keeps its weight matrices as stored
+    (F16, BF16, Q4_0, Q4_1 and Q8_0 are computed exactly as their float32 values; the k-quants through
     candle's quantized matmul, which quantizes the activations as llama.cpp does); its
     tokenizer and chat template are built from its metadata as transformers builds them. A
     directory holds ``config.json``, ``tokenizer.json``, ``model.safetensors`` (or shards with
@@ -149,7 +149,8 @@ class Generator(_Generates):
     the defaults of the generation keywords, as in transformers) and a chat template
     (``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.json``).
 
-    ``quantize`` converts the weight matrices at load: ``"q8_0"``, ``"q4_0"``, ``"q4_1"``,
+    ``quantize`` converts the weight matrices at load: ``"f16"`` or ``"bf16"`` (half the memory
+    and bandwidth of float32, computed in float32), ``"q8_0"``, ``"q4_0"``, ``"q4_1"``,
     ``"q4_k"``, ``"q5_k"``, ``"q6_k"`` (rows that a k-quant's 256-value blocks do not divide
     become Q8_0), or ``"none"`` to dequantize a GGUF to the compute dtype. Quantized weights run
     on the CPU. ``num_threads`` sets the CPU threads (default: one per physical core); it is
@@ -181,7 +182,7 @@ class Generator(_Generates):
         *,
         device: str = "cpu",
         dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
-        quantize: Optional[Literal["none", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]] = None,
+        quantize: Optional[Literal["none", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]] = None,
         num_threads: Optional[int] = None,
     ) -> Generator: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

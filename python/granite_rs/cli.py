@@ -875,8 +875,8 @@ def _add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--dtype", type=_dtype, metavar="DTYPE", default=default,
                    help="compute dtype: float32, bfloat16 or float16 (default: float32 on cpu)")
     g.add_argument("--quantize", metavar="TYPE", default=default,
-                   choices=["none", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"],
-                   help="convert the weight matrices at load: q8_0, q4_0, q4_1, q4_k, q5_k, q6_k, or none "
+                   choices=["none", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"],
+                   help="convert the weight matrices at load: f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k, or none "
                         "(dequantize a GGUF); default: as stored")
     g.add_argument("--threads", type=int, metavar="N", default=default,
                    help="CPU threads (default: one per physical core)")

@@ -180,7 +180,7 @@ impl Generator {
             .map(|q| {
                 Quantization::parse(q).ok_or_else(|| {
                     PyValueError::new_err(format!(
-                        "quantize must be \"none\", \"q8_0\", \"q4_0\", \"q4_1\", \"q4_k\", \"q5_k\" or \"q6_k\", got {q:?}"
+                        "quantize must be \"none\", \"f16\", \"bf16\", \"q8_0\", \"q4_0\", \"q4_1\", \"q4_k\", \"q5_k\" or \"q6_k\", got {q:?}"
                     ))
                 })
             })
