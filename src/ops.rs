@@ -480,6 +480,19 @@ impl InplaceOp2 for CacheWrite<'_> {
     }
 }
 
+/// a · b with eight independent sums, so that the compiler vectorizes it.
+fn dot<T: Float>(a: &[f32], b: &[T]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y.f32()).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += xa[i] * xb[i].f32();
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// (q, k_cache, v_cache) -> attention output; see `decode_attention`.
 pub(crate) struct DecodeAttention {
     pub len: usize,
@@ -507,7 +520,7 @@ impl DecodeAttention {
             let mut max = f32::NEG_INFINITY;
             for (p, s) in scores.iter_mut().enumerate() {
                 let row = &k[ko + p * ks[2]..ko + p * ks[2] + d];
-                *s = qf.iter().zip(row).map(|(a, b)| a * b.f32()).sum();
+                *s = dot(qf, row);
                 max = max.max(*s);
             }
             let mut sum = 0.0;
