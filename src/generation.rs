@@ -147,15 +147,24 @@ impl Generation {
         let model = self.generator.model();
         let input = Tensor::new(self.pending.as_slice(), model.device())?.unsqueeze(0)?;
         let opts = ForwardOptions { cancel: Some(&self.cancel), ..Default::default() };
-        let logits = model.forward_with(&input, Some(&mut self.cache), Logits::Last, &opts)?;
-        let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
-        check_finite(&logits, model.dtype())?;
-        let raw = self.top_logprobs.map(|_| log_softmax(&logits));
-        let (prompt, generated) = self.tokens.split_at(self.prompt_len);
-        let token = self.sampler.sample(&mut logits, prompt, generated)?;
-        if let (Some(n), Some(raw)) = (self.top_logprobs, raw) {
-            self.logprobs.push(token_logprob(&raw, token, n));
-        }
+        let logits = model.forward_with(&input, Some(&mut self.cache), Logits::Last, &opts)?.flatten_all()?;
+        let token = if !model.device().is_cpu() && self.top_logprobs.is_none() && self.sampler.is_plain_greedy() {
+            // On a GPU: the argmax and a finiteness check on the device; two scalars cross, not the vocabulary.
+            if !logits.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                check_finite(&logits.to_vec1::<f32>()?, model.dtype())?;
+            }
+            logits.argmax(0)?.to_scalar::<u32>()?
+        } else {
+            let mut logits = logits.to_vec1::<f32>()?;
+            check_finite(&logits, model.dtype())?;
+            let raw = self.top_logprobs.map(|_| log_softmax(&logits));
+            let (prompt, generated) = self.tokens.split_at(self.prompt_len);
+            let token = self.sampler.sample(&mut logits, prompt, generated)?;
+            if let (Some(n), Some(raw)) = (self.top_logprobs, raw) {
+                self.logprobs.push(token_logprob(&raw, token, n));
+            }
+            token
+        };
         self.tokens.push(token);
         self.pending = vec![token];
         let generated = self.tokens.len() - self.prompt_len;

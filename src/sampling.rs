@@ -114,6 +114,15 @@ impl Sampler {
         Ok(self.draw(&softmax(logits)))
     }
 
+    /// Greedy with no processor that reads the logits: the pick is their argmax.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        !p.do_sample
+            && p.repetition_penalty.is_none_or(|r| r == 1.0)
+            && p.presence_penalty.unwrap_or(0.0) == 0.0
+            && p.frequency_penalty.unwrap_or(0.0) == 0.0
+    }
+
     /// Applies every processor in order, without picking.
     fn process(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) -> Result<()> {
         if logits.iter().any(|x| x.is_nan()) {
