@@ -60,7 +60,7 @@ pub struct GenerateParams {
 /// How a model is loaded, beyond its path and device.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LoadOptions {
-    /// Compute dtype; None: float32.
+    /// Compute dtype; None: float32 on the CPU, bfloat16 on a GPU.
     pub dtype: Option<DType>,
     pub quantization: Quantization,
     /// CPU threads; None: one per physical core. Process-wide, fixed by the first load.
@@ -102,7 +102,8 @@ pub fn num_threads() -> usize {
 
 impl Generator {
     /// Loads an HF model directory (config.json, generation_config.json (optional),
-    /// tokenizer.json, model.safetensors or its shards) or a `.gguf` file. `dtype` None: float32.
+    /// tokenizer.json, model.safetensors or its shards) or a `.gguf` file. `dtype` None: float32
+    /// on the CPU, bfloat16 on a GPU.
     pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
         Self::load_with(path, device, &LoadOptions { dtype, ..Default::default() })
     }
@@ -110,7 +111,8 @@ impl Generator {
     /// `load`, with quantization and the thread count.
     pub fn load_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
         pin_thread_count(opts.num_threads)?;
-        let dtype = opts.dtype.unwrap_or(DType::F32);
+        // bfloat16 on a GPU (its tensor cores), float32 on the CPU (our kernels compute in f32).
+        let dtype = opts.dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
         if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
             return Self::load_gguf(path, device, dtype, opts.quantization);
         }
