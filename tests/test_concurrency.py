@@ -138,7 +138,7 @@ def test_the_gil_is_free_while_threads_generate(slow):
     t = threading.Thread(target=ticker, daemon=True)
     start = time.perf_counter()
     t.start()
-    run_threads(lambda i: slow.generate_ids([1, 2, 3 + i], max_new_tokens=100, ignore_eos=True), 4)
+    run_threads(lambda i: slow.generate_ids([1, 2, 3 + i], max_new_tokens=500, ignore_eos=True), 4)
     done.set()
     t.join(timeout=5)
     elapsed = time.perf_counter() - start
