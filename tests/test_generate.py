@@ -128,7 +128,7 @@ def test_the_gil_is_released_while_generating(tmp_path):
     model_dir = tmp_path / "slow"
     make_checkpoint(model_dir, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, max_position_embeddings=4096)
     g = Generator(model_dir)
-    worker = threading.Thread(target=g.generate_ids, args=([1, 2, 3],), kwargs=dict(max_new_tokens=400, ignore_eos=True))
+    worker = threading.Thread(target=g.generate_ids, args=([1, 2, 3],), kwargs=dict(max_new_tokens=1500, ignore_eos=True))
     ticks = []
     start = time.perf_counter()
     worker.start()
