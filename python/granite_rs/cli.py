@@ -767,10 +767,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from granite_rs import _granite_rs
 
-    convert = getattr(_granite_rs, "convert_gguf", None)
-    if convert is None:
-        raise CliError("convert is not implemented yet in this build of granite-rs "
-                       "(granite_rs._granite_rs.convert_gguf is missing)", 2)
+    convert = _granite_rs.convert_gguf
     src = Path(args.src).expanduser()
     if not src.is_file():
         raise CliError(f"not a file: {args.src} (convert takes a .gguf file)")
