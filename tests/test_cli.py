@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import granite_rs
 from granite_rs import Generator, cli
 
 MODEL = Path(__file__).resolve().parent / "fixtures" / "mha_tied"
