@@ -1,7 +1,10 @@
 //! Matrix-vector products for decode: a few f32 activation rows against a weight matrix that is
-//! read once and decoded to f32 on the fly, from dense f32/f16/bf16 rows or from GGUF's
-//! Q4_0/Q4_1/Q8_0 blocks. AVX2+FMA+F16C where the CPU has them, split over rayon's threads.
-//! The quantized formats are computed exactly as their dequantized f32 weights would be.
+//! read once, split over rayon's threads, with AVX2+FMA+F16C where the CPU has them.
+//! - Dense f32/f16/bf16 rows are decoded to f32 and multiplied in f32.
+//! - GGUF's Q4_0/Q4_1/Q8_0 blocks are multiplied as integers: each 32 activations become 16-bit
+//!   integers with one f32 scale (`Activations`), so a block's dot product is exact integer
+//!   arithmetic, then scaled. The activations' rounding error is at most 2^-16 of their block's
+//!   largest magnitude: far below llama.cpp's 8-bit activations, near f32.
 
 use std::ops::Range;
 
@@ -22,8 +25,8 @@ pub enum Rows<'a> {
     Q8_0(&'a [u8]),
 }
 
-/// How one group of 32 weights is stored and decoded.
-trait Format {
+/// How one group of 32 dense weights is stored and decoded to f32.
+trait Dense {
     const BYTES: usize;
     fn scalar(group: &[u8], out: &mut [f32; GROUP]);
     /// # Safety
@@ -39,11 +42,8 @@ fn half_at(bytes: &[u8], at: usize) -> f32 {
 struct F32;
 struct F16;
 struct BF16;
-struct Q4_0;
-struct Q4_1;
-struct Q8_0;
 
-impl Format for F32 {
+impl Dense for F32 {
     const BYTES: usize = 4 * GROUP;
     fn scalar(g: &[u8], out: &mut [f32; GROUP]) {
         for (o, b) in out.iter_mut().zip(g.chunks_exact(4)) {
@@ -56,7 +56,7 @@ impl Format for F32 {
     }
 }
 
-impl Format for F16 {
+impl Dense for F16 {
     const BYTES: usize = 2 * GROUP;
     fn scalar(g: &[u8], out: &mut [f32; GROUP]) {
         for (i, o) in out.iter_mut().enumerate() {
@@ -69,7 +69,7 @@ impl Format for F16 {
     }
 }
 
-impl Format for BF16 {
+impl Dense for BF16 {
     const BYTES: usize = 2 * GROUP;
     fn scalar(g: &[u8], out: &mut [f32; GROUP]) {
         for (o, b) in out.iter_mut().zip(g.chunks_exact(2)) {
@@ -82,52 +82,118 @@ impl Format for BF16 {
     }
 }
 
-/// Q4_0: f16 scale d, then 16 bytes; weight j is (low nibble of byte j - 8) d, weight j + 16
-/// is (high nibble of byte j - 8) d.
-impl Format for Q4_0 {
+/// GGUF blocks of 32 weights, multiplied as integers. Weight j of a block is d (v_j - CENTER) + m,
+/// where v_j is the block's integer j, d its first f16 and m (only where OFFSET) its second.
+trait Blocks {
+    const BYTES: usize;
+    const CENTER: i32;
+    const OFFSET: bool;
+    /// The 32 integers v_j.
+    fn ints(block: &[u8]) -> [i32; GROUP];
+    /// Σ_j v_j q_j for 32 activations q, as 8 partial sums.
+    /// # Safety
+    /// `block` points at `BYTES` readable bytes, `q` at 32 values, and the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2(block: *const u8, q: *const i16) -> x86::I;
+}
+
+struct Q4_0;
+struct Q4_1;
+struct Q8_0;
+
+/// Byte j of a nibble block holds v_j in its low nibble and v_{j+16} in its high nibble.
+fn nibble_ints(nibbles: &[u8]) -> [i32; GROUP] {
+    std::array::from_fn(|j| if j < 16 { nibbles[j] & 15 } else { nibbles[j - 16] >> 4 } as i32)
+}
+
+/// Q4_0: f16 d, then 16 bytes of nibbles; weight = d (v - 8).
+impl Blocks for Q4_0 {
     const BYTES: usize = 18;
-    fn scalar(g: &[u8], out: &mut [f32; GROUP]) {
-        let d = half_at(g, 0);
-        for (j, q) in g[2..18].iter().enumerate() {
-            out[j] = ((q & 15) as f32 - 8.0) * d;
-            out[j + 16] = ((q >> 4) as f32 - 8.0) * d;
-        }
+    const CENTER: i32 = 8;
+    const OFFSET: bool = false;
+    fn ints(block: &[u8]) -> [i32; GROUP] {
+        nibble_ints(&block[2..18])
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2(g: *const u8) -> [x86::V; 4] {
-        let d = x86::scalar_f16(g);
-        x86::nibbles(g.add(2), d, -8.0 * d)
+    unsafe fn avx2(block: *const u8, q: *const i16) -> x86::I {
+        x86::nibble_dot(block.add(2), q)
     }
 }
 
-/// Q4_1: f16 scale d and f16 offset m, then nibbles as in Q4_0; weight = nibble d + m.
-impl Format for Q4_1 {
+/// Q4_1: f16 d and f16 m, then nibbles as in Q4_0; weight = d v + m.
+impl Blocks for Q4_1 {
     const BYTES: usize = 20;
-    fn scalar(g: &[u8], out: &mut [f32; GROUP]) {
-        let (d, m) = (half_at(g, 0), half_at(g, 2));
-        for (j, q) in g[4..20].iter().enumerate() {
-            out[j] = (q & 15) as f32 * d + m;
-            out[j + 16] = (q >> 4) as f32 * d + m;
-        }
+    const CENTER: i32 = 0;
+    const OFFSET: bool = true;
+    fn ints(block: &[u8]) -> [i32; GROUP] {
+        nibble_ints(&block[4..20])
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2(g: *const u8) -> [x86::V; 4] {
-        x86::nibbles(g.add(4), x86::scalar_f16(g), x86::scalar_f16(g.add(2)))
+    unsafe fn avx2(block: *const u8, q: *const i16) -> x86::I {
+        x86::nibble_dot(block.add(4), q)
     }
 }
 
-/// Q8_0: f16 scale d, then 32 signed bytes; weight = q d.
-impl Format for Q8_0 {
+/// Q8_0: f16 d, then 32 signed bytes; weight = d v.
+impl Blocks for Q8_0 {
     const BYTES: usize = 34;
-    fn scalar(g: &[u8], out: &mut [f32; GROUP]) {
-        let d = half_at(g, 0);
-        for (o, q) in out.iter_mut().zip(&g[2..34]) {
-            *o = *q as i8 as f32 * d;
-        }
+    const CENTER: i32 = 0;
+    const OFFSET: bool = false;
+    fn ints(block: &[u8]) -> [i32; GROUP] {
+        std::array::from_fn(|j| block[2 + j] as i8 as i32)
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2(g: *const u8) -> [x86::V; 4] {
-        x86::bytes(g.add(2), x86::scalar_f16(g))
+    unsafe fn avx2(block: *const u8, q: *const i16) -> x86::I {
+        x86::byte_dot(block.add(2), q)
+    }
+}
+
+/// Activation rows as 16-bit integers with one f32 scale per group of 32: x ≈ scale q, off by at
+/// most half a step, 2^-16 of the group's largest magnitude. A group holding NaN or infinity
+/// gets a NaN scale, so that the products it enters are NaN, not silently finite.
+struct Activations {
+    q: Vec<i16>,
+    scale: Vec<f32>,
+    /// Σx of each group, for Q4_1's offsets.
+    sum: Vec<f32>,
+    /// CENTER Σq of each group, for Q4_0's centre.
+    center: Vec<i32>,
+}
+
+impl Activations {
+    fn new(x: &[f32], center: i32) -> Self {
+        let groups = x.len() / GROUP;
+        let mut a = Activations {
+            q: vec![0; x.len()],
+            scale: vec![0.0; groups],
+            sum: vec![0.0; groups],
+            center: vec![0; groups],
+        };
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() {
+            // SAFETY: the features are present.
+            unsafe { x86::quantize(&mut a, x, center) };
+            return a;
+        }
+        a.quantize(x, center);
+        a
+    }
+
+    /// Written for the compiler to vectorize; `x86::quantize` compiles it with AVX2.
+    #[inline(always)]
+    fn quantize(&mut self, x: &[f32], center: i32) {
+        let a = self;
+        for (g, (xs, qs)) in x.chunks_exact(GROUP).zip(a.q.chunks_exact_mut(GROUP)).enumerate() {
+            let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let sum: f32 = xs.iter().sum();
+            let inv = if max > 0.0 { 32767.0 / max } else { 0.0 };
+            for (q, v) in qs.iter_mut().zip(xs) {
+                *q = (v * inv).round_ties_even() as i16;
+            }
+            a.scale[g] = if max.is_finite() && sum.is_finite() { max / 32767.0 } else { f32::NAN };
+            a.sum[g] = sum;
+            a.center[g] = center * qs.iter().map(|q| *q as i32).sum::<i32>();
+        }
     }
 }
 
@@ -136,6 +202,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub type V = __m256;
+
+    pub type I = __m256i;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -155,40 +223,110 @@ mod x86 {
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
     }
 
-    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scalar_f16(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    pub unsafe fn quantize(a: &mut super::Activations, x: &[f32], center: i32) {
+        a.quantize(x, center)
     }
 
-    /// 32 weights from 16 bytes of nibbles (low nibbles first): nibble * d + m.
+    /// Σ v_j q_j for 16 bytes of nibbles: low nibbles are v_0..v_15, high ones v_16..v_31.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn nibbles(p: *const u8, d: f32, m: f32) -> [V; 4] {
-        let raw = _mm_loadu_si128(p as *const __m128i);
-        let mask = _mm_set1_epi8(15);
-        let lo = _mm_and_si128(raw, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
-        let widen = |b: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), d, m);
-        [widen(lo), widen(_mm_srli_si128(lo, 8)), widen(hi), widen(_mm_srli_si128(hi, 8))]
+    pub unsafe fn nibble_dot(p: *const u8, q: *const i16) -> I {
+        let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+        let lo = _mm256_and_si256(w, _mm256_set1_epi16(15));
+        let hi = _mm256_srli_epi16(w, 4);
+        let q = q as *const __m256i;
+        _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(q)), _mm256_madd_epi16(hi, _mm256_loadu_si256(q.add(1))))
     }
 
-    /// 32 weights from 32 signed bytes: q * d.
+    /// Σ v_j q_j for 32 signed bytes v.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn bytes(p: *const u8, d: f32) -> [V; 4] {
-        let d = _mm256_set1_ps(d);
-        std::array::from_fn(|j| {
-            let b = _mm_loadl_epi64(p.add(8 * j) as *const __m128i);
-            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d)
-        })
+    pub unsafe fn byte_dot(p: *const u8, q: *const i16) -> I {
+        let v = |at: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(at) as *const __m128i));
+        let q = q as *const __m256i;
+        _mm256_add_epi32(_mm256_madd_epi16(v(0), _mm256_loadu_si256(q)), _mm256_madd_epi16(v(16), _mm256_loadu_si256(q.add(1))))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum_ps(s: V) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// The lane sums of 8 vectors, in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sums8(v: [I; 8]) -> I {
+        let (a, b) = (_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        let (c, d) = (_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        let (ab, cd) = (_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+        // ab holds the sums of v0..v3 split over its two halves, cd those of v4..v7.
+        _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31))
+    }
+
+    /// Blocks g..g + count (count ≤ 8) of a row: their integer sums less the centre, and the first
+    /// 4 bytes of each (d in the low half, m of Q4_1 in the high half); zero past `count`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block8<B: super::Blocks>(row: *const u8, q: *const i16, center: *const i32, g: usize, count: usize) -> (I, I) {
+        let block = |t: usize| row.add((g + t) * B::BYTES);
+        let part = |t: usize| if t < count { B::avx2(block(t), q.add((g + t) * super::GROUP)) } else { _mm256_setzero_si256() };
+        let head = |t: usize| if t < count { (block(t) as *const i32).read_unaligned() } else { 0 };
+        let mut ints = sums8(std::array::from_fn(part));
+        if B::CENTER != 0 {
+            let c = if count == 8 {
+                _mm256_loadu_si256(center.add(g) as *const I)
+            } else {
+                let c: [i32; 8] = std::array::from_fn(|t| if t < count { *center.add(g + t) } else { 0 });
+                _mm256_loadu_si256(c.as_ptr() as *const I)
+            };
+            ints = _mm256_sub_epi32(ints, c);
+        }
+        (ints, _mm256_setr_epi32(head(0), head(1), head(2), head(3), head(4), head(5), head(6), head(7)))
+    }
+
+    /// One activation row's dot product with one weight row of `groups` blocks, 8 blocks at a
+    /// time: their integer sums, as f32, times their d's and the activations' scales.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot<B: super::Blocks>(row: *const u8, groups: usize, a: &super::Activations, first: usize) -> f32 {
+        let q = a.q.as_ptr().add(first * super::GROUP);
+        let (scale, sum, center) = (a.scale.as_ptr().add(first), a.sum.as_ptr().add(first), a.center.as_ptr().add(first));
+        let (mut acc, mut acc_m) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut step = |g: usize, count: usize| {
+            let (ints, heads) = block8::<B>(row, q, center, g, count);
+            let load = |p: *const f32| {
+                if count == 8 {
+                    _mm256_loadu_ps(p.add(g))
+                } else {
+                    let v: [f32; 8] = std::array::from_fn(|t| if t < count { *p.add(g + t) } else { 0.0 });
+                    _mm256_loadu_ps(v.as_ptr())
+                }
+            };
+            let halves = _mm256_packus_epi32(_mm256_and_si256(heads, _mm256_set1_epi32(0xffff)), _mm256_srli_epi32(heads, 16));
+            let halves = _mm256_permute4x64_epi64(halves, 0b11_01_10_00);
+            let d = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), _mm256_mul_ps(d, load(scale)), acc);
+            if B::OFFSET {
+                let m = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+                acc_m = _mm256_fmadd_ps(m, load(sum), acc_m);
+            }
+        };
+        let full = groups - groups % 8;
+        for g in (0..full).step_by(8) {
+            step(g, 8);
+        }
+        if full < groups {
+            step(full, groups - full);
+        }
+        sum_ps(_mm256_add_ps(acc, acc_m))
     }
 
     /// Rows `rows` of out (M, n) = x (M, k) · wᵀ, with 4 accumulators per activation row.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn rows<F: super::Format, const M: usize>(
+    pub unsafe fn rows<F: super::Dense, const M: usize>(
         w: *const u8,
         k: usize,
         x: &[f32],
@@ -210,11 +348,7 @@ mod x86 {
                 }
             }
             for (i, [a0, a1, a2, a3]) in acc.iter().enumerate() {
-                let s = _mm256_add_ps(_mm256_add_ps(*a0, *a1), _mm256_add_ps(*a2, *a3));
-                let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-                *out.add(i * n + r) = _mm_cvtss_f32(s);
+                *out.add(i * n + r) = sum_ps(_mm256_add_ps(_mm256_add_ps(*a0, *a1), _mm256_add_ps(*a2, *a3)));
             }
         }
     }
@@ -227,8 +361,16 @@ mod x86 {
     }
 }
 
+/// Whether this CPU has AVX2, FMA and F16C, which the fast paths here and in `ops` use.
+pub(crate) fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The portable path: rows `rows` of out (M, n) = x (M, k) · wᵀ.
-fn rows_scalar<F: Format>(w: &[u8], k: usize, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32, n: usize) {
+fn rows_scalar<F: Dense>(w: &[u8], k: usize, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32, n: usize) {
     let groups = k / GROUP;
     let mut wv = [0f32; GROUP];
     for r in rows {
@@ -261,10 +403,24 @@ impl Out {
     }
 }
 
-fn run<F: Format>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
+/// Runs `work` on all `n` output rows, split over rayon's threads when they are worth waking.
+fn split(n: usize, row_bytes: usize, work: impl Fn(Range<usize>) + Sync) {
+    // Below this many weight bytes, waking the pool costs more than it saves.
+    if n * row_bytes < 64 * 1024 {
+        work(0..n);
+    } else {
+        // rayon rather than candle's spinning barrier pool: under other load on the machine the
+        // spinning cost 10x here (measured), and rayon's workers sleep when idle.
+        use rayon::prelude::*;
+        let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(1);
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| work(c * chunk..n.min((c + 1) * chunk)));
+    }
+}
+
+fn run_dense<F: Dense>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
     let m = x.len() / k;
     let out = Out(out.as_mut_ptr());
-    let work = |rows: Range<usize>| {
+    split(n, k / GROUP * F::BYTES, |rows: Range<usize>| {
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
             // At most 4 activation rows per pass over the weights keeps the accumulators in registers.
@@ -284,17 +440,45 @@ fn run<F: Format>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
             return;
         }
         rows_scalar::<F>(w, k, x, m, rows, out.ptr(), n);
-    };
-    // Below this many weight bytes, waking the pool costs more than it saves.
-    if n * (k / GROUP) * F::BYTES < 64 * 1024 {
-        work(0..n);
-    } else {
-        // rayon rather than candle's spinning barrier pool: under other load on the machine the
-        // spinning cost 10x here (measured), and rayon's workers sleep when idle.
-        use rayon::prelude::*;
-        let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(1);
-        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| work(c * chunk..n.min((c + 1) * chunk)));
+    });
+}
+
+/// The portable path for blocks: the same integer products, summed block by block.
+fn dot_scalar<B: Blocks>(row: &[u8], a: &Activations, first: usize) -> f32 {
+    let mut acc = 0f32;
+    for (g, block) in row.chunks_exact(B::BYTES).enumerate() {
+        let q = &a.q[(first + g) * GROUP..][..GROUP];
+        let ints: i32 = B::ints(block).iter().zip(q).map(|(v, q)| v * *q as i32).sum();
+        acc += half_at(block, 0) * a.scale[first + g] * (ints - a.center[first + g]) as f32;
+        if B::OFFSET {
+            acc += half_at(block, 2) * a.sum[first + g];
+        }
     }
+    acc
+}
+
+fn run_blocks<B: Blocks>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
+    let (m, groups) = (x.len() / k, k / GROUP);
+    let a = Activations::new(x, B::CENTER);
+    let out = Out(out.as_mut_ptr());
+    split(n, groups * B::BYTES, |rows: Range<usize>| {
+        for r in rows {
+            let row = &w[r * groups * B::BYTES..][..groups * B::BYTES];
+            for i in 0..m {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the features are present; `row` holds `groups` blocks and `a` m rows of them.
+                let v = if x86::available() {
+                    unsafe { x86::dot::<B>(row.as_ptr(), groups, &a, i * groups) }
+                } else {
+                    dot_scalar::<B>(row, &a, i * groups)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let v = dot_scalar::<B>(row, &a, i * groups);
+                // SAFETY: each (i, r) is written by exactly one caller; `out` holds m * n values.
+                unsafe { *out.ptr().add(i * n + r) = v };
+            }
+        }
+    });
 }
 
 fn bytes_of<T>(s: &[T]) -> &[u8] {
@@ -324,12 +508,43 @@ pub fn gemv(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(
         return Err(format!("gemv weights: {} bytes where {n} x {k} needs {expected}", bytes.len()));
     }
     match w {
-        Rows::F32(_) => run::<F32>(bytes, n, k, x, out),
-        Rows::F16(_) => run::<F16>(bytes, n, k, x, out),
-        Rows::BF16(_) => run::<BF16>(bytes, n, k, x, out),
-        Rows::Q4_0(_) => run::<Q4_0>(bytes, n, k, x, out),
-        Rows::Q4_1(_) => run::<Q4_1>(bytes, n, k, x, out),
-        Rows::Q8_0(_) => run::<Q8_0>(bytes, n, k, x, out),
+        Rows::F32(_) => run_dense::<F32>(bytes, n, k, x, out),
+        Rows::F16(_) => run_dense::<F16>(bytes, n, k, x, out),
+        Rows::BF16(_) => run_dense::<BF16>(bytes, n, k, x, out),
+        Rows::Q4_0(_) => run_blocks::<Q4_0>(bytes, n, k, x, out),
+        Rows::Q4_1(_) => run_blocks::<Q4_1>(bytes, n, k, x, out),
+        Rows::Q8_0(_) => run_blocks::<Q8_0>(bytes, n, k, x, out),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The portable integer path against the AVX2 one (which tests/gemv.rs checks against
+    /// candle), on blocks of every value and rows with and without a partial batch of 8.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn portable_blocks_equal_avx2() {
+        fn check<B: Blocks>(name: &str) {
+            for groups in [1, 8, 11, 48] {
+                let row: Vec<u8> = (0..groups * B::BYTES)
+                    .map(|i| if i % B::BYTES < 4 { [0x00, 0x30, 0x66, 0xb0][i % 4] } else { (i * 37 % 251) as u8 })
+                    .collect();
+                let x: Vec<f32> = (0..groups * GROUP).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0).collect();
+                let a = Activations::new(&x, B::CENTER);
+                let portable = dot_scalar::<B>(&row, &a, 0);
+                // SAFETY: checked just before.
+                let fast = x86::available().then(|| unsafe { x86::dot::<B>(row.as_ptr(), groups, &a, 0) });
+                if let Some(fast) = fast {
+                    let err = (portable - fast).abs() / portable.abs().max(1.0);
+                    assert!(err < 1e-5, "{name}, {groups} blocks: portable {portable}, avx2 {fast}");
+                }
+            }
+        }
+        check::<Q4_0>("q4_0");
+        check::<Q4_1>("q4_1");
+        check::<Q8_0>("q8_0");
+    }
 }

@@ -30,7 +30,7 @@ struct Positions {
     /// Each (t, head_dim / 2), or per row (b, t, head_dim / 2).
     cos: Tensor,
     sin: Tensor,
-    /// Additive causal mask, (t, start + t) or per row (b, 1, t, start + t); None for one query.
+    /// Additive causal mask, (t, start + t) or per row (b, 1, t, start + t); see `causal_mask`.
     mask: Option<Tensor>,
 }
 
@@ -74,7 +74,7 @@ impl Attention {
                 let start = cache.len();
                 let (k_cache, v_cache) = cache.layer(layer);
                 let q = ops::rope_write_kv(&q, &k, &v, &pos.cos, &pos.sin, k_cache, v_cache, start)?;
-                if pos.mask.is_none() {
+                if pos.mask.is_none() && t == 1 {
                     // One unpadded query per row: attention straight over the cache.
                     let out = ops::decode_attention(&q, k_cache, v_cache, start + 1, self.scale)?;
                     return self.o_proj.forward(&out.reshape((b, 1, nh * hd))?);
@@ -91,11 +91,16 @@ impl Attention {
         let n_rep = nh / nkv;
         let q = (q * self.scale)?.reshape((b, nkv, n_rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?; // (b, nkv, n_rep t, len)
-        let scores = match &pos.mask {
-            Some(m) => scores.reshape((b, nh, t, len))?.broadcast_add(m)?.reshape((b, nkv, n_rep * t, len))?,
-            None => scores,
+        let probs = match &pos.mask {
+            Some(m) => {
+                let scores = scores.reshape((b, nh, t, len))?.broadcast_add(m)?.reshape((b, nkv, n_rep * t, len))?;
+                candle_nn::ops::softmax_last_dim(&scores)?
+            }
+            None => {
+                ops::causal_softmax_(&scores, len - t, t)?;
+                scores
+            }
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // (b, nkv, n_rep t, hd)
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
@@ -243,10 +248,11 @@ impl Granite {
 
     /// Additive causal mask: query i sees keys 0..=start + i, less the pad keys of its row (a pad
     /// query sees itself, to keep its softmax finite). (t, start + t) without padding, else
-    /// (b, 1, t, start + t). None for a single unpadded query.
+    /// (b, 1, t, start + t). None without padding for one query, or on the CPU, where
+    /// `ops::causal_softmax_` masks as it goes.
     fn causal_mask(&self, start: usize, t: usize, left_pad: &[usize]) -> Result<Option<Tensor>> {
         let padded = left_pad.iter().any(|p| *p > 0);
-        if t == 1 && !padded {
+        if !padded && (t == 1 || self.device.is_cpu()) {
             return Ok(None);
         }
         let rows: &[usize] = if padded { left_pad } else { &[0] };
@@ -269,6 +275,23 @@ impl Granite {
 
     /// `forward` for left-padded batches, stopping between layers once `cancel` is set.
     pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        which: Logits,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        if self.device.is_cpu() {
+            // The whole forward on one of rayon's threads, so that each matmul's parallel loop
+            // starts inside the pool rather than waking this thread at its end (measured on the
+            // embedded model: decode 115 -> 136 tokens/s on 2 threads, 50 -> 82 on 1).
+            rayon::scope(|_| self.forward_on_thread(ids, cache, which, opts))
+        } else {
+            self.forward_on_thread(ids, cache, which, opts)
+        }
+    }
+
+    fn forward_on_thread(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,

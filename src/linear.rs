@@ -10,7 +10,8 @@ use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor, D};
 use crate::error::{Error, Result};
 use crate::gemv::{self, Rows};
 
-/// Quantized types computed from their exact values (by `gemv`, or dequantized for a matmul).
+/// Quantized types whose weights enter at their exact values: in `gemv` (which rounds the
+/// activations to 16 bits for the block types), or dequantized for a matmul.
 const EXACT: [GgmlDType; 6] =
     [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F16, GgmlDType::BF16, GgmlDType::F32];
 
@@ -227,7 +228,7 @@ fn project(w: &Weight, x: &Tensor) -> Result<Tensor> {
         Weight::Quantized(q) if !EXACT.contains(&q.dtype()) => {
             QMatMul::QTensor(q.clone()).forward(&x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
         }
-        // Exact: the weights as their f32 values, as gemv computes them.
+        // The weights as their f32 values.
         Weight::Quantized(_) => x2.matmul(&w.dequantize(x.dtype())?.t()?)?,
     };
     Ok(y.reshape(out_dims)?)

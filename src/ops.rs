@@ -90,6 +90,21 @@ pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usi
     q.apply_op3_no_bwd(k_cache, v_cache, &DecodeAttention { len, scale: scale as f32 })
 }
 
+/// Causal softmax over the last dim of `scores` (..., rows, start + t), contiguous, on the CPU, in
+/// place: row r holds the scores of query r % t (query heads stacked along the rows), which sees
+/// the first start + r % t + 1 keys; the keys after those get probability 0.
+pub fn causal_softmax_(scores: &Tensor, start: usize, t: usize) -> Result<()> {
+    let dims = scores.dims();
+    let (rows, len) = match dims {
+        [.., rows, len] => (*rows, *len),
+        _ => bail!("causal_softmax_: scores {:?}", scores.shape()),
+    };
+    if t == 0 || len != start + t || rows % t != 0 || !scores.is_contiguous() || !scores.device().is_cpu() {
+        bail!("causal_softmax_: scores {:?} for {t} queries after {start} keys", scores.layout());
+    }
+    scores.inplace_op1(&CausalSoftmax { start, t })
+}
+
 /// silu(gate) * up for gate_up (..., 2 * n), gate the first half; contiguous.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     if gate_up.dim(D::Minus1)? % 2 != 0 {
@@ -185,6 +200,29 @@ pub(crate) use by_dtype;
 fn contiguous<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let (start, end) = l.contiguous_offsets().ok_or_else(|| Error::Msg("expected a contiguous tensor".into()))?;
     Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+/// Defines a function whose body is compiled twice, for AVX2+FMA (called where the CPU has them)
+/// and for the baseline. The loops of the ops below are written for the compiler to vectorize,
+/// and x86-64's baseline gives it 4 lanes and no FMA; the helpers they call are `#[inline(always)]`.
+macro_rules! vectorized {
+    ($(#[$m:meta])* fn $name:ident<T: Float>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name<T: Float>($($arg: $ty),*) {
+            #[inline(always)]
+            fn body<T: Float>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            if crate::gemv::avx2() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast<T: Float>($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                // SAFETY: the features are present.
+                return unsafe { fast($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
 }
 
 /// Elements touched below which a CPU op stays on the calling thread.
@@ -481,6 +519,7 @@ impl InplaceOp2 for CacheWrite<'_> {
 }
 
 /// a · b with eight independent sums, so that the compiler vectorizes it.
+#[inline(always)]
 fn dot<T: Float>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -491,6 +530,118 @@ fn dot<T: Float>(a: &[f32], b: &[T]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// e^x for x ≤ 0 (a softmax's scores less their max) in f32 arithmetic the compiler vectorizes:
+/// 2^n e^f with |f| ≤ ln 2 / 2 and e^f to degree 7 (relative error about 1e-7 near 0); 0 below
+/// -87, where e^x leaves f32's normal range; NaN stays NaN.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const ROUND: f32 = 12582912.0; // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
+    let t = if x < -87.0 { -87.0 } else { x } * std::f32::consts::LOG2_E;
+    let shifted = t + ROUND;
+    let f = (t - (shifted - ROUND)) * std::f32::consts::LN_2;
+    let n = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    let mut p = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p * f + c;
+    }
+    let e = p * f32::from_bits(((n + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// scores -> probabilities in place; see `causal_softmax_`.
+struct CausalSoftmax {
+    start: usize,
+    t: usize,
+}
+
+vectorized! {
+    /// Softmax of the first `seen` values of `row`; the rest become 0.
+    fn causal_softmax_row<T: Float>(row: &mut [T], seen: usize) {
+        let (seen, unseen) = row.split_at_mut(seen);
+        // Eight lanes each, so that the compiler vectorizes; `>` keeps a NaN out of the max, and
+        // the NaN then reaches every probability through the sum.
+        let mut max = [f32::NEG_INFINITY; 8];
+        let mut chunks = seen.chunks_exact(8);
+        for c in chunks.by_ref() {
+            for (m, v) in max.iter_mut().zip(c) {
+                *m = if v.f32() > *m { v.f32() } else { *m };
+            }
+        }
+        let max = chunks.remainder().iter().map(|v| v.f32()).chain(max).fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = [0f32; 8];
+        let mut chunks = seen.chunks_exact_mut(8);
+        for c in chunks.by_ref() {
+            for (s, v) in sum.iter_mut().zip(c) {
+                let e = exp_nonpositive(v.f32() - max);
+                *s += e;
+                *v = T::of(e);
+            }
+        }
+        for v in chunks.into_remainder() {
+            let e = exp_nonpositive(v.f32() - max);
+            sum[0] += e;
+            *v = T::of(e);
+        }
+        let inv = 1.0 / sum.iter().sum::<f32>();
+        for v in seen {
+            *v = T::of(v.f32() * inv);
+        }
+        unseen.fill(T::of(0.0));
+    }
+}
+
+impl candle_core::InplaceOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "granite-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let len = self.start + self.t;
+        let (from, to) = l.contiguous_offsets().ok_or_else(|| Error::Msg("expected a contiguous tensor".into()))?;
+        by_dtype!(s.dtype(), self.name(), |T| {
+            let scores = &mut T::slice_mut(s)?[from..to];
+            let work = scores.len();
+            for_chunks(scores, len, work, || (), |_, r, row| causal_softmax_row(row, self.start + r % self.t + 1));
+        });
+        Ok(())
+    }
+}
+
+vectorized! {
+    /// One query over the keys and values at rows 0, step, 2 step, ... of `k` and `v` (one per
+    /// score): out = softmax(q · k_p) · v_p.
+    #[allow(clippy::too_many_arguments)]
+    fn attend<T: Float>(
+        q: &[f32],
+        k: &[T],
+        k_step: usize,
+        v: &[T],
+        v_step: usize,
+        scores: &mut [f32],
+        acc: &mut [f32],
+        out: &mut [T],
+    ) {
+        let d = q.len();
+        for (p, s) in scores.iter_mut().enumerate() {
+            *s = dot(q, &k[p * k_step..p * k_step + d]);
+        }
+        causal_softmax_row(scores, scores.len());
+        acc.fill(0.0);
+        for (p, s) in scores.iter().enumerate() {
+            for (a, x) in acc.iter_mut().zip(&v[p * v_step..p * v_step + d]) {
+                *a += s * x.f32();
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc.iter()) {
+            *o = T::of(*a);
+        }
+    }
 }
 
 /// (q, k_cache, v_cache) -> attention output; see `decode_attention`.
@@ -517,27 +668,7 @@ impl DecodeAttention {
             }
             let ko = kl.start_offset() + bi * ks[0] + (hi / rep) * ks[1];
             let vo = vl.start_offset() + bi * vs[0] + (hi / rep) * vs[1];
-            let mut max = f32::NEG_INFINITY;
-            for (p, s) in scores.iter_mut().enumerate() {
-                let row = &k[ko + p * ks[2]..ko + p * ks[2] + d];
-                *s = dot(qf, row);
-                max = max.max(*s);
-            }
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            acc.fill(0.0);
-            for (p, s) in scores.iter().enumerate() {
-                let row = &v[vo + p * vs[2]..vo + p * vs[2] + d];
-                for (a, x) in acc.iter_mut().zip(row) {
-                    *a += s * x.f32();
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = T::of(a / sum);
-            }
+            attend(qf, &k[ko..], ks[2], &v[vo..], vs[2], scores, acc, out);
         });
         Ok(out)
     }
@@ -581,6 +712,18 @@ impl CustomOp3 for DecodeAttention {
 /// gate_up (..., 2n) -> (..., n).
 struct Swiglu;
 
+vectorized! {
+    /// out = silu(gate) * up, with silu(g) = g / (1 + e^-g) from e^-|g|, which cannot overflow.
+    fn swiglu_row<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
+        for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+            let g = g.f32();
+            let e = exp_nonpositive(-g.abs());
+            let sigmoid = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+            *o = T::of(g * sigmoid * u.f32());
+        }
+    }
+}
+
 impl Swiglu {
     fn out_shape(l: &Layout) -> Shape {
         let mut dims = l.dims().to_vec();
@@ -607,10 +750,7 @@ impl CustomOp1 for Swiglu {
                 || (),
                 |_, r, row| {
                     let (gate, up) = x[2 * r * n..2 * (r + 1) * n].split_at(n);
-                    for ((o, g), u) in row.iter_mut().zip(gate).zip(up) {
-                        let g = g.f32();
-                        *o = T::of(g / (1.0 + (-g).exp()) * u.f32());
-                    }
+                    swiglu_row(gate, up, row);
                 },
             );
             T::to_cpu_storage_owned(out)

@@ -107,7 +107,8 @@ fn swiglu() -> Result<()> {
     let gpu = gpu();
     for dtype in DTYPES {
         for (i, shape) in [vec![1, 1, 10], vec![3, 7, 128], vec![64, 2048]].iter().enumerate() {
-            let x = randn(shape, dtype, i as u64)?;
+            // Values up to ±80 on the last shape: sigmoid's tails, where e^-g overflows.
+            let x = (randn(shape, dtype, i as u64)? * if i == 2 { 40.0 } else { 1.0 })?;
             let out = ops::swiglu(&x)?;
             let want = candle_nn::ops::swiglu(&f32(&x)?)?;
             assert_close(&format!("swiglu {dtype:?} {shape:?}"), &out, &want, tolerance(dtype))?;
@@ -221,6 +222,33 @@ fn decode_attention() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The causal softmax against candle's softmax after an additive mask, for query heads stacked
+/// along the rows, with and without earlier cached keys; and NaN scores stay NaN.
+#[test]
+fn causal_softmax() -> Result<()> {
+    for dtype in DTYPES {
+        for (i, &(heads, t, start)) in [(1, 1, 0), (3, 5, 0), (2, 17, 9), (4, 64, 100), (1, 3, 600)].iter().enumerate() {
+            let len = start + t;
+            // Scores up to ±60: e^x far from 1 on both sides.
+            let scores = (randn(&[2, heads * t, len], dtype, 40 + i as u64)? * 30.0)?;
+            let mask: Vec<f32> =
+                (0..heads * t).flat_map(|r| (0..len).map(move |j| if j <= start + r % t { 0.0 } else { f32::NEG_INFINITY })).collect();
+            let mask = Tensor::from_vec(mask, (heads * t, len), &Device::Cpu)?;
+            let want = candle_nn::ops::softmax_last_dim(&f32(&scores)?.broadcast_add(&mask)?)?;
+            let got = scores.copy()?;
+            ops::causal_softmax_(&got, start, t)?;
+            assert_close(&format!("causal softmax {dtype:?} heads {heads} t {t} start {start}"), &got, &want, tolerance(dtype))?;
+        }
+    }
+    let scores = Tensor::from_vec(vec![0.5f32, f32::NAN, f32::NAN, 2.0], (2, 2), &Device::Cpu)?;
+    ops::causal_softmax_(&scores, 0, 2)?;
+    let got = scores.to_vec2::<f32>()?;
+    assert!(got[0][0] == 1.0 && got[0][1] == 0.0, "a masked NaN is not seen: {got:?}");
+    assert!(got[1].iter().all(|p| p.is_nan()), "a NaN score must make its row NaN: {got:?}");
+    assert!(ops::causal_softmax_(&Tensor::zeros((3, 5), DType::F32, &Device::Cpu)?, 1, 3).is_err(), "len != start + t");
     Ok(())
 }
 

@@ -141,8 +141,9 @@ class Generator(_Generates):
     """A Granite (or Llama) model loaded from a ``.gguf`` file or an HF model directory.
 
     A GGUF file (architectures ``llama`` and ``granite``) keeps its weight matrices as stored
-    (F16, BF16, Q4_0, Q4_1 and Q8_0 are computed exactly as their float32 values; the k-quants through
-    candle's quantized matmul, which quantizes the activations as llama.cpp does); its
+    (F16 and BF16 are computed as their float32 values; Q4_0, Q4_1 and Q8_0 at their exact values
+    against activations rounded to 16 bits per 32 values; the k-quants through candle's quantized
+    matmul, which quantizes the activations to 8 bits as llama.cpp does); its
     tokenizer and chat template are built from its metadata as transformers builds them. A
     directory holds ``config.json``, ``tokenizer.json``, ``model.safetensors`` (or shards with
     ``model.safetensors.index.json``), and optionally ``generation_config.json`` (its values become

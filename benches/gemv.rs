@@ -1,0 +1,42 @@
+//! The decode matrix-vector kernels alone: GB/s of weights read for one activation row, per
+//! format, on a matrix the size of SmolLM2's MLP (3 x 1536 x 576, as one 4608 x 576 matrix,
+//! repeated to 64 MiB of f32 so that it streams from memory, not cache).
+//!
+//!     cargo bench --bench gemv
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use granite_rs::gemv::{gemv, Rows};
+use half::{bf16, f16};
+
+fn bench(c: &mut Criterion) {
+    let (n, k) = (4608 * 6, 576);
+    let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu).unwrap();
+    let dense: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    let halves: Vec<f16> = dense.iter().map(|v| f16::from_f32(*v)).collect();
+    let brains: Vec<bf16> = dense.iter().map(|v| bf16::from_f32(*v)).collect();
+    let quantized = |t| QTensor::quantize(&w, t).unwrap().data().unwrap().into_owned();
+    let (q4_0, q4_1, q8_0) = (quantized(GgmlDType::Q4_0), quantized(GgmlDType::Q4_1), quantized(GgmlDType::Q8_0));
+    let formats = [
+        ("f32", Rows::F32(&dense), dense.len() * 4),
+        ("f16", Rows::F16(&halves), halves.len() * 2),
+        ("bf16", Rows::BF16(&brains), brains.len() * 2),
+        ("q8_0", Rows::Q8_0(&q8_0), q8_0.len()),
+        ("q4_1", Rows::Q4_1(&q4_1), q4_1.len()),
+        ("q4_0", Rows::Q4_0(&q4_0), q4_0.len()),
+    ];
+    let x: Vec<f32> = Tensor::randn(0f32, 1.0, k, &Device::Cpu).unwrap().to_vec1().unwrap();
+    let mut out = vec![0f32; n];
+    let mut group = c.benchmark_group("gemv");
+    for (name, rows, bytes) in formats {
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_function(BenchmarkId::new(name, rayon::current_num_threads()), |b| {
+            b.iter(|| gemv(rows, n, k, &x, &mut out).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
