@@ -1,5 +1,6 @@
-//! Matrix-vector products for decode: a few f32 activation rows against a weight matrix that is
-//! read once, split over rayon's threads, with AVX2+FMA+F16C where the CPU has them.
+//! Products of f32 activation rows with weight matrices in the formats we read, split over
+//! rayon's threads. `gemv`, for decode: a few rows against a matrix read once, with AVX2+FMA+F16C
+//! where the CPU has them. `gemm`, for prompts: tiles of the matrix decoded to f32, then gemm.
 //! - Dense f32/f16/bf16 rows are decoded to f32 and multiplied in f32.
 //! - GGUF's Q4_0/Q4_1/Q8_0 blocks are multiplied as integers: each 32 activations become 16-bit
 //!   integers with one f32 scale (`Activations`), so a block's dot product is exact integer
@@ -145,6 +146,17 @@ impl Blocks for Q8_0 {
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2(block: *const u8, q: *const i16) -> x86::I {
         x86::byte_dot(block.add(2), q)
+    }
+}
+
+/// Blocks decoded to their f32 weights, 32 per block.
+#[inline(always)]
+fn decode_blocks<B: Blocks>(bytes: &[u8], out: &mut [f32]) {
+    for (block, out) in bytes.chunks_exact(B::BYTES).zip(out.chunks_exact_mut(GROUP)) {
+        let (d, m) = (half_at(block, 0), if B::OFFSET { half_at(block, 2) } else { 0.0 });
+        for (o, v) in out.iter_mut().zip(B::ints(block)) {
+            *o = d * (v - B::CENTER) as f32 + m;
+        }
     }
 }
 
@@ -486,9 +498,8 @@ fn bytes_of<T>(s: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
 }
 
-/// out (m, n) = x (m, k) · wᵀ for a weight matrix of n rows of k. k must be a multiple of 32
-/// and every slice must have its exact size; otherwise nothing is computed and the error says why.
-pub fn gemv(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
+/// The bytes of `w` after checking every shape: k a positive multiple of 32, x (m, k), out (m, n).
+fn checked<'a>(w: Rows<'a>, n: usize, k: usize, x: &[f32], out: &[f32]) -> Result<&'a [u8], String> {
     if k == 0 || !k.is_multiple_of(GROUP) {
         return Err(format!("gemv needs a row length that is a positive multiple of {GROUP}, got {k}"));
     }
@@ -507,6 +518,13 @@ pub fn gemv(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(
     if bytes.len() != expected {
         return Err(format!("gemv weights: {} bytes where {n} x {k} needs {expected}", bytes.len()));
     }
+    Ok(bytes)
+}
+
+/// out (m, n) = x (m, k) · wᵀ for a weight matrix of n rows of k. k must be a multiple of 32
+/// and every slice must have its exact size; otherwise nothing is computed and the error says why.
+pub fn gemv(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
+    let bytes = checked(w, n, k, x, out)?;
     match w {
         Rows::F32(_) => run_dense::<F32>(bytes, n, k, x, out),
         Rows::F16(_) => run_dense::<F16>(bytes, n, k, x, out),
@@ -515,6 +533,81 @@ pub fn gemv(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(
         Rows::Q4_1(_) => run_blocks::<Q4_1>(bytes, n, k, x, out),
         Rows::Q8_0(_) => run_blocks::<Q8_0>(bytes, n, k, x, out),
     }
+    Ok(())
+}
+
+/// Rows `rows` of a checked matrix decoded to f32 into `out`.
+fn decode_rows(w: Rows, k: usize, rows: Range<usize>, out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let values = rows.start * k..rows.end * k;
+    let blocks = |bytes: usize| rows.start * k / GROUP * bytes..rows.end * k / GROUP * bytes;
+    #[inline(always)]
+    fn decode(w: Rows, values: Range<usize>, blocks: impl Fn(usize) -> Range<usize>, out: &mut [f32]) {
+        match w {
+            Rows::F32(s) => out.copy_from_slice(&s[values]),
+            Rows::F16(s) => s[values].convert_to_f32_slice(out),
+            Rows::BF16(s) => s[values].convert_to_f32_slice(out),
+            Rows::Q4_0(b) => decode_blocks::<Q4_0>(&b[blocks(Q4_0::BYTES)], out),
+            Rows::Q4_1(b) => decode_blocks::<Q4_1>(&b[blocks(Q4_1::BYTES)], out),
+            Rows::Q8_0(b) => decode_blocks::<Q8_0>(&b[blocks(Q8_0::BYTES)], out),
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn fast(w: Rows, values: Range<usize>, blocks: impl Fn(usize) -> Range<usize>, out: &mut [f32]) {
+            decode(w, values, blocks, out)
+        }
+        // SAFETY: the features are present.
+        return unsafe { fast(w, values, blocks, out) };
+    }
+    decode(w, values, blocks, out)
+}
+
+/// `gemv` for many activation rows (a prompt): tiles of w's rows, each small enough to stay in
+/// cache, are decoded to f32 and multiplied by gemm, the tiles split over rayon's threads. The
+/// weights enter at their exact values, the activations as they are.
+pub fn gemm(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
+    use rayon::prelude::*;
+    checked(w, n, k, x, out)?;
+    let m = x.len() / k;
+    // Tiles of at most 256 KiB of f32, as many as a multiple of the threads, of a multiple of 48
+    // rows (whole blocks of gemm's 16 x 6 kernel either way round).
+    let threads = rayon::current_num_threads();
+    let tiles = n.div_ceil((64 * 1024 / k).max(48)).div_ceil(threads) * threads;
+    let tile = n.div_ceil(tiles).next_multiple_of(48).min(n);
+    let out = Out(out.as_mut_ptr());
+    thread_local!(static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
+    (0..n.div_ceil(tile)).into_par_iter().for_each(|t| TILE.with_borrow_mut(|buf| {
+        let rows = t * tile..n.min((t + 1) * tile);
+        buf.resize(rows.len() * k, 0.0);
+        decode_rows(w, k, rows.clone(), buf);
+        // SAFETY: x is (m, k) and buf (rows, k), row-major; out (m, n) row-major, of which this
+        // tile writes columns `rows` only.
+        unsafe {
+            gemm::gemm(
+                m,
+                rows.len(),
+                k,
+                out.ptr().add(rows.start),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                buf.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    }));
     Ok(())
 }
 

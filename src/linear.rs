@@ -1,5 +1,6 @@
 //! Projections `x · wᵀ + b` over dense or GGUF-quantized weights. Decode (a few rows) goes
-//! through `gemv`, which streams the weights once; longer inputs use candle's matmul.
+//! through `gemv`, which streams the weights once; longer inputs through `gemv::gemm` (stored
+//! formats), candle's matmul (dense weights) or candle's quantized matmul (the k-quants).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -210,11 +211,15 @@ fn project(w: &Weight, x: &Tensor) -> Result<Tensor> {
     }
     out_dims.push(n);
     let m = x.elem_count() / k.max(1);
-    if x.device().is_cpu() && m <= GEMV_MAX_ROWS && k.is_multiple_of(gemv::GROUP) {
+    // Ours: gemv for a few rows; for more, gemm on decoded tiles of a stored format (dense
+    // weights go straight to candle's matmul).
+    let few = m <= GEMV_MAX_ROWS;
+    if x.device().is_cpu() && k.is_multiple_of(gemv::GROUP) && (few || matches!(w, Weight::Quantized(_))) {
         let y = w.with_rows(|rows| -> Result<Tensor> {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let mut out = vec![0f32; m * n];
-            gemv::gemv(rows, n, k, &xs, &mut out).map_err(Error::invalid)?;
+            let product = if few { gemv::gemv } else { gemv::gemm };
+            product(rows, n, k, &xs, &mut out).map_err(Error::invalid)?;
             Ok(Tensor::from_vec(out, out_dims.clone(), x.device())?.to_dtype(x.dtype())?)
         });
         if let Some(y) = y {

@@ -78,6 +78,47 @@ fn quantized_formats_match_their_dequantized_weights() {
     }
 }
 
+/// `gemm` (prompts: decoded tiles, then gemm) on every format: exact weights, f32 activations.
+#[test]
+fn gemm_matches_matmul_on_every_format() {
+    for (n, k) in [(7, 64), (300, 576), (1536, 96)] {
+        let w = random((n, k), 21);
+        for m in [9, 37] {
+            let x = random((m, k), 5 + m as u64);
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
+            {
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let deq = q.dequantize(&Device::Cpu).unwrap();
+                let data = q.data().unwrap();
+                let (f32s, f16s, bf16s);
+                let rows = match dtype {
+                    GgmlDType::F32 => {
+                        f32s = deq.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        Rows::F32(&f32s)
+                    }
+                    GgmlDType::F16 => {
+                        f16s = deq.to_dtype(DType::F16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                        Rows::F16(&f16s)
+                    }
+                    GgmlDType::BF16 => {
+                        bf16s = deq.to_dtype(DType::BF16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                        Rows::BF16(&bf16s)
+                    }
+                    GgmlDType::Q4_0 => Rows::Q4_0(&data),
+                    GgmlDType::Q4_1 => Rows::Q4_1(&data),
+                    _ => Rows::Q8_0(&data),
+                };
+                let mut out = vec![0f32; m * n];
+                granite_rs::gemv::gemm(rows, n, k, &xs, &mut out).unwrap();
+                let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
+                let err = max_rel_err(&got, &reference(&x, &deq));
+                assert!(err < 1e-5, "gemm {dtype:?} {m}x{k} by {n}x{k}: relative error {err}");
+            }
+        }
+    }
+}
+
 /// The quantized formats round the activations to 16-bit integers: a NaN or an infinity among
 /// them must still reach the output, not vanish in the rounding.
 #[test]
