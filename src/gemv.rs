@@ -26,6 +26,18 @@ pub enum Rows<'a> {
     Q8_0(&'a [u8]),
 }
 
+impl<'a> Rows<'a> {
+    /// The matrix's memory.
+    pub fn bytes(self) -> &'a [u8] {
+        match self {
+            Rows::F32(s) => bytes_of(s),
+            Rows::F16(s) => bytes_of(s),
+            Rows::BF16(s) => bytes_of(s),
+            Rows::Q4_0(b) | Rows::Q4_1(b) | Rows::Q8_0(b) => b,
+        }
+    }
+}
+
 /// How one group of 32 dense weights is stored and decoded to f32.
 trait Dense {
     const BYTES: usize;
@@ -336,6 +348,21 @@ mod x86 {
         sum_ps(_mm256_add_ps(acc, acc_m))
     }
 
+    /// `super::block_rows` with `dot` inlined.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn block_rows<B: super::Blocks>(
+        w: &[u8],
+        groups: usize,
+        a: &super::Activations,
+        m: usize,
+        rows: std::ops::Range<usize>,
+        out: super::Out,
+        n: usize,
+    ) {
+        super::block_rows::<B>(w, groups, m, rows, out, n, |row, first| unsafe { dot::<B>(row.as_ptr(), groups, a, first) })
+    }
+
     /// Rows `rows` of out (M, n) = x (M, k) · wᵀ, with 4 accumulators per activation row.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows<F: super::Dense, const M: usize>(
@@ -469,27 +496,38 @@ fn dot_scalar<B: Blocks>(row: &[u8], a: &Activations, first: usize) -> f32 {
     acc
 }
 
+/// Rows `rows` of out (m, n): each weight row against each activation row, by `dot`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block_rows<B: Blocks>(
+    w: &[u8],
+    groups: usize,
+    m: usize,
+    rows: Range<usize>,
+    out: Out,
+    n: usize,
+    dot: impl Fn(&[u8], usize) -> f32,
+) {
+    for r in rows {
+        let row = &w[r * groups * B::BYTES..][..groups * B::BYTES];
+        for i in 0..m {
+            // SAFETY: each (i, r) is written by exactly one caller; `out` holds m * n values.
+            unsafe { *out.ptr().add(i * n + r) = dot(row, i * groups) };
+        }
+    }
+}
+
 fn run_blocks<B: Blocks>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
     let (m, groups) = (x.len() / k, k / GROUP);
     let a = Activations::new(x, B::CENTER);
     let out = Out(out.as_mut_ptr());
     split(n, groups * B::BYTES, |rows: Range<usize>| {
-        for r in rows {
-            let row = &w[r * groups * B::BYTES..][..groups * B::BYTES];
-            for i in 0..m {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the features are present; `row` holds `groups` blocks and `a` m rows of them.
-                let v = if x86::available() {
-                    unsafe { x86::dot::<B>(row.as_ptr(), groups, &a, i * groups) }
-                } else {
-                    dot_scalar::<B>(row, &a, i * groups)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let v = dot_scalar::<B>(row, &a, i * groups);
-                // SAFETY: each (i, r) is written by exactly one caller; `out` holds m * n values.
-                unsafe { *out.ptr().add(i * n + r) = v };
-            }
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() {
+            // SAFETY: the features are present; shapes were checked by `gemv`.
+            return unsafe { x86::block_rows::<B>(w, groups, &a, m, rows, out, n) };
         }
+        block_rows::<B>(w, groups, m, rows, out, n, |row, first| dot_scalar::<B>(row, &a, first));
     });
 }
 
@@ -507,14 +545,14 @@ fn checked<'a>(w: Rows<'a>, n: usize, k: usize, x: &[f32], out: &[f32]) -> Resul
     if x.len() != m * k || out.len() != m * n {
         return Err(format!("gemv shapes: x has {} values, out {}, for k {k} and n {n}", x.len(), out.len()));
     }
-    let (bytes, expected) = match w {
-        Rows::F32(s) => (bytes_of(s), n * k * 4),
-        Rows::F16(s) => (bytes_of(s), n * k * 2),
-        Rows::BF16(s) => (bytes_of(s), n * k * 2),
-        Rows::Q4_0(b) => (b, n * k / GROUP * Q4_0::BYTES),
-        Rows::Q4_1(b) => (b, n * k / GROUP * Q4_1::BYTES),
-        Rows::Q8_0(b) => (b, n * k / GROUP * Q8_0::BYTES),
+    let expected = match w {
+        Rows::F32(_) => n * k * 4,
+        Rows::F16(_) | Rows::BF16(_) => n * k * 2,
+        Rows::Q4_0(_) => n * k / GROUP * Q4_0::BYTES,
+        Rows::Q4_1(_) => n * k / GROUP * Q4_1::BYTES,
+        Rows::Q8_0(_) => n * k / GROUP * Q8_0::BYTES,
     };
+    let bytes = w.bytes();
     if bytes.len() != expected {
         return Err(format!("gemv weights: {} bytes where {n} x {k} needs {expected}", bytes.len()));
     }
