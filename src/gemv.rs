@@ -41,11 +41,20 @@ impl<'a> Rows<'a> {
 /// How one group of 32 dense weights is stored and decoded to f32.
 trait Dense {
     const BYTES: usize;
+    /// Whether `avx2` returns each half of the group as its even weights, then its odd ones; the
+    /// activations are then reordered to match (`evens_then_odds`).
+    const EVENS_THEN_ODDS: bool = false;
     fn scalar(group: &[u8], out: &mut [f32; GROUP]);
     /// # Safety
     /// `group` points at `BYTES` readable bytes and the CPU has AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2(group: *const u8) -> [x86::V; 4];
+}
+
+/// x with each 16 values reordered as their 8 even ones, then their 8 odd ones.
+#[cfg(target_arch = "x86_64")]
+fn evens_then_odds(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(16).flat_map(|c| (0..16).map(move |i| c[if i < 8 { 2 * i } else { 2 * (i - 8) + 1 }])).collect()
 }
 
 fn half_at(bytes: &[u8], at: usize) -> f32 {
@@ -82,8 +91,11 @@ impl Dense for F16 {
     }
 }
 
+/// bf16 is the top half of an f32: a 32-bit lane holding two bf16 gives the odd one by masking
+/// and the even one by shifting, with no widening shuffle.
 impl Dense for BF16 {
     const BYTES: usize = 2 * GROUP;
+    const EVENS_THEN_ODDS: bool = true;
     fn scalar(g: &[u8], out: &mut [f32; GROUP]) {
         for (o, b) in out.iter_mut().zip(g.chunks_exact(2)) {
             *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
@@ -91,7 +103,9 @@ impl Dense for BF16 {
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2(g: *const u8) -> [x86::V; 4] {
-        std::array::from_fn(|j| x86::load_bf16(g.add(16 * j)))
+        let [evens0, odds0] = x86::split_bf16(g);
+        let [evens1, odds1] = x86::split_bf16(g.add(32));
+        [evens0, odds0, evens1, odds1]
     }
 }
 
@@ -241,10 +255,13 @@ mod x86 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
+    /// 16 bf16 as f32: the 8 even ones, then the 8 odd ones.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn load_bf16(p: *const u8) -> V {
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
+    pub unsafe fn split_bf16(p: *const u8) -> [V; 2] {
+        let pairs = _mm256_loadu_si256(p as *const __m256i);
+        let odds = _mm256_and_si256(pairs, _mm256_set1_epi32(0xffff_0000u32 as i32));
+        [_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)), _mm256_castsi256_ps(odds)]
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -459,9 +476,12 @@ fn split(n: usize, row_bytes: usize, work: impl Fn(Range<usize>) + Sync) {
 fn run_dense<F: Dense>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
     let m = x.len() / k;
     let out = Out(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    let reordered = (F::EVENS_THEN_ODDS && x86::available()).then(|| evens_then_odds(x));
     split(n, k / GROUP * F::BYTES, |rows: Range<usize>| {
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
+            let x = reordered.as_deref().unwrap_or(x);
             // At most 4 activation rows per pass over the weights keeps the accumulators in registers.
             for first in (0..m).step_by(4) {
                 let xs = &x[first * k..];
