@@ -529,7 +529,48 @@ fn dot<T: Float>(a: &[f32], b: &[T]) -> f32 {
             acc[i] += xa[i] * xb[i].f32();
         }
     }
-    acc.iter().sum::<f32>() + tail
+    sum8(acc) + tail
+}
+
+/// The sum of 8 lanes as a tree, which the compiler keeps in vector registers.
+#[inline(always)]
+fn sum8(a: [f32; 8]) -> f32 {
+    let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (b[0] + b[2]) + (b[1] + b[3])
+}
+
+/// `attend` for a head size known when compiling: the sums stay in registers, four chains of
+/// them for q · k so that consecutive multiply-adds do not wait on each other.
+#[inline(always)]
+fn attend_sized<T: Float, const D: usize>(
+    q: &[f32],
+    (k, k_step): (&[T], usize),
+    (v, v_step): (&[T], usize),
+    scores: &mut [f32],
+    out: &mut [T],
+) {
+    let q: &[f32; D] = q.try_into().expect("head size");
+    for (p, s) in scores.iter_mut().enumerate() {
+        let row: &[T; D] = k[p * k_step..p * k_step + D].try_into().expect("head size");
+        let mut acc = [[0f32; 8]; 4];
+        for c in 0..D / 8 {
+            for i in 0..8 {
+                acc[c % 4][i] += q[8 * c + i] * row[8 * c + i].f32();
+            }
+        }
+        *s = sum8(std::array::from_fn(|i| (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i])));
+    }
+    causal_softmax_row(scores, scores.len());
+    let mut acc = [0f32; D];
+    for (p, s) in scores.iter().enumerate() {
+        let row: &[T; D] = v[p * v_step..p * v_step + D].try_into().expect("head size");
+        for (a, x) in acc.iter_mut().zip(row) {
+            *a += s * x.f32();
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = T::of(a);
+    }
 }
 
 /// e^x for x ≤ 0 (a softmax's scores less their max) in f32 arithmetic the compiler vectorizes:
@@ -628,6 +669,11 @@ vectorized! {
         out: &mut [T],
     ) {
         let d = q.len();
+        match d {
+            64 => return attend_sized::<T, 64>(q, (k, k_step), (v, v_step), scores, out),
+            128 => return attend_sized::<T, 128>(q, (k, k_step), (v, v_step), scores, out),
+            _ => {}
+        }
         for (p, s) in scores.iter_mut().enumerate() {
             *s = dot(q, &k[p * k_step..p * k_step + d]);
         }
