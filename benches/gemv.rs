@@ -1,6 +1,8 @@
-//! The decode matrix-vector kernels alone: GB/s of weights read for one activation row, per
-//! format, on a matrix the size of SmolLM2's MLP (3 x 1536 x 576, as one 4608 x 576 matrix,
-//! repeated to 64 MiB of f32 so that it streams from memory, not cache).
+//! The decode matrix-vector kernels alone: GiB/s of weights read for one activation row, per
+//! format, on a 27648 x 576 matrix (SmolLM2's MLP six times over). That is 64 MiB as f32, which
+//! streams from memory; 32 MiB as f16/bf16 and 10-18 MiB quantized, which partly stay in a
+//! 32 MiB L3 cache between iterations, so those figures show the kernels' compute speed more
+//! than the memory's.
 //!
 //!     cargo bench --bench gemv
 
