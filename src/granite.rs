@@ -96,10 +96,12 @@ impl Attention {
                 let scores = scores.reshape((b, nh, t, len))?.broadcast_add(m)?.reshape((b, nkv, n_rep * t, len))?;
                 candle_nn::ops::softmax_last_dim(&scores)?
             }
-            None => {
+            None if scores.device().is_cpu() => {
                 ops::causal_softmax_(&scores, len - t, t)?;
                 scores
             }
+            // Elsewhere the mask is None only for one unpadded query, which sees every key.
+            None => candle_nn::ops::softmax_last_dim(&scores)?,
         };
         let out = probs.matmul(&v)?; // (b, nkv, n_rep t, hd)
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
