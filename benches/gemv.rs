@@ -34,7 +34,7 @@ fn bench(c: &mut Criterion) {
     for (name, rows, bytes) in formats {
         group.throughput(Throughput::Bytes(bytes as u64));
         group.bench_function(BenchmarkId::new(name, rayon::current_num_threads()), |b| {
-            b.iter(|| gemv(rows, n, k, &x, &mut out).unwrap())
+            b.iter(|| gemv(&[(rows, n)], k, &x, &mut out).unwrap())
         });
     }
     group.finish();

@@ -203,13 +203,32 @@ def worker(engine: str, weights: str, paths: dict, ids: list, new: int, threads:
     raise ValueError(engine)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def measure(engine: str, weights: str, paths: dict, ids: list, new: int, threads: int) -> dict:
+    """`worker` in a fresh process; its result, also printed to stderr."""
+    spec = dict(engine=engine, weights=weights, paths=paths, ids=ids, new=new, threads=threads)
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                         text=True, env={**os.environ, "RAYON_NUM_THREADS": str(threads)})
+    if out.returncode != 0:
+        sys.exit(f"{engine} {weights} failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{engine:18} {weights:6} prefill {len(ids) / r['prefill_s']:8.1f} tok/s  "
+          f"decode {r['decode_tps']:7.1f} tok/s", file=sys.stderr)
+    return r
+
+
+def parser(doc: str, work: str) -> argparse.ArgumentParser:
+    """The options every benchmark script here takes; files go under target/`work`."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--work", type=Path, default=ROOT / "target" / "bench-compare")
+    p.add_argument("--work", type=Path, default=ROOT / "target" / work)
+    return p
+
+
+def main() -> None:
+    p = parser(__doc__, "bench-compare")
     p.add_argument("--only", help="comma-separated engines to run (default: all)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -226,16 +245,7 @@ def main() -> None:
     for rep in range(args.reps):
         bandwidths.append(bandwidth(args.threads))
         for engine, weights in cases:
-            spec = dict(engine=engine, weights=weights, paths=paths, ids=ids, new=args.new_tokens,
-                        threads=args.threads)
-            out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                 text=True, env={**os.environ, "RAYON_NUM_THREADS": str(args.threads)})
-            if out.returncode != 0:
-                sys.exit(f"{engine} {weights} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            runs[(engine, weights)].append(r)
-            print(f"rep {rep + 1}: {engine:18} {weights:5} prefill {len(ids) / r['prefill_s']:8.1f} tok/s  "
-                  f"decode {r['decode_tps']:7.1f} tok/s", file=sys.stderr)
+            runs[(engine, weights)].append(measure(engine, weights, paths, ids, args.new_tokens, args.threads))
 
     bw = statistics.median(bandwidths)
     med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs.items()}

@@ -1,6 +1,8 @@
 //! Products of f32 activation rows with weight matrices in the formats we read, split over
 //! rayon's threads. `gemv`, for decode: a few rows against a matrix read once, with AVX2+FMA+F16C
 //! where the CPU has them. `gemm`, for prompts: tiles of the matrix decoded to f32, then gemm.
+//! Both take several matrices stacked along the output (fused q/k/v, gate/up) as `Part`s, each
+//! in its own format and memory, and compute them in one parallel loop.
 //! - Dense f32/f16/bf16 rows are decoded to f32 and multiplied in f32.
 //! - GGUF's Q4_0/Q4_1/Q8_0 blocks are multiplied as integers: each 32 activations become 16-bit
 //!   integers with one f32 scale (`Activations`), so a block's dot product is exact integer
@@ -9,6 +11,7 @@
 
 use std::ops::Range;
 
+use candle_core::quantized::GgmlDType;
 use half::{bf16, f16};
 
 /// Every format is handled in groups of 32 weights of one row (one GGUF block).
@@ -24,16 +27,64 @@ pub enum Rows<'a> {
     Q4_0(&'a [u8]),
     Q4_1(&'a [u8]),
     Q8_0(&'a [u8]),
+    /// Blocks of another GGUF type (the k-quants, Q5_0, Q5_1), decoded by candle: `gemm` reads
+    /// them, `gemv` does not.
+    Other(GgmlDType, &'a [u8]),
 }
 
+/// A weight matrix and its number of rows, which take the next columns of the output.
+pub type Part<'a> = (Rows<'a>, usize);
+
 impl<'a> Rows<'a> {
+    /// `bytes` read as `format`; None for another format, or half/f32 values that are not aligned.
+    pub fn of(format: GgmlDType, bytes: &'a [u8]) -> Option<Self> {
+        Some(match format {
+            GgmlDType::F32 => Rows::F32(cast(bytes)?),
+            GgmlDType::F16 => Rows::F16(cast(bytes)?),
+            GgmlDType::BF16 => Rows::BF16(cast(bytes)?),
+            GgmlDType::Q4_0 => Rows::Q4_0(bytes),
+            GgmlDType::Q4_1 => Rows::Q4_1(bytes),
+            GgmlDType::Q8_0 => Rows::Q8_0(bytes),
+            _ => return None,
+        })
+    }
+
+    /// `bytes` as `Rows::Other` blocks of `format`, when candle decodes that type and the bytes
+    /// are whole, aligned blocks.
+    pub fn other(format: GgmlDType, bytes: &'a [u8]) -> Option<Self> {
+        use candle_core::quantized::k_quants::*;
+        let fits = match format {
+            GgmlDType::Q5_0 => cast::<BlockQ5_0>(bytes).is_some(),
+            GgmlDType::Q5_1 => cast::<BlockQ5_1>(bytes).is_some(),
+            GgmlDType::Q2K => cast::<BlockQ2K>(bytes).is_some(),
+            GgmlDType::Q3K => cast::<BlockQ3K>(bytes).is_some(),
+            GgmlDType::Q4K => cast::<BlockQ4K>(bytes).is_some(),
+            GgmlDType::Q5K => cast::<BlockQ5K>(bytes).is_some(),
+            GgmlDType::Q6K => cast::<BlockQ6K>(bytes).is_some(),
+            _ => false,
+        };
+        fits.then_some(Rows::Other(format, bytes))
+    }
+
+    /// Bytes per row of k weights.
+    fn row_bytes(self, k: usize) -> usize {
+        match self {
+            Rows::F32(_) => 4 * k,
+            Rows::F16(_) | Rows::BF16(_) => 2 * k,
+            Rows::Q4_0(_) => k / GROUP * Q4_0::BYTES,
+            Rows::Q4_1(_) => k / GROUP * Q4_1::BYTES,
+            Rows::Q8_0(_) => k / GROUP * Q8_0::BYTES,
+            Rows::Other(t, _) => k / t.block_size() * t.type_size(),
+        }
+    }
+
     /// The matrix's memory.
     pub fn bytes(self) -> &'a [u8] {
         match self {
             Rows::F32(s) => bytes_of(s),
             Rows::F16(s) => bytes_of(s),
             Rows::BF16(s) => bytes_of(s),
-            Rows::Q4_0(b) | Rows::Q4_1(b) | Rows::Q8_0(b) => b,
+            Rows::Q4_0(b) | Rows::Q4_1(b) | Rows::Q8_0(b) | Rows::Other(_, b) => b,
         }
     }
 }
@@ -375,12 +426,14 @@ mod x86 {
         m: usize,
         rows: std::ops::Range<usize>,
         out: super::Out,
-        n: usize,
+        stride: usize,
     ) {
-        super::block_rows::<B>(w, groups, m, rows, out, n, |row, first| unsafe { dot::<B>(row.as_ptr(), groups, a, first) })
+        super::block_rows::<B>(w, groups, m, rows, out, stride, |row, first| unsafe {
+            dot::<B>(row.as_ptr(), groups, a, first)
+        })
     }
 
-    /// Rows `rows` of out (M, n) = x (M, k) · wᵀ, with 4 accumulators per activation row.
+    /// Rows `rows` of out (M, stride) = x (M, k) · wᵀ, with 4 accumulators per activation row.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows<F: super::Dense, const M: usize>(
         w: *const u8,
@@ -388,7 +441,7 @@ mod x86 {
         x: &[f32],
         rows: std::ops::Range<usize>,
         out: *mut f32,
-        n: usize,
+        stride: usize,
     ) {
         let groups = k / super::GROUP;
         for r in rows {
@@ -404,7 +457,7 @@ mod x86 {
                 }
             }
             for (i, [a0, a1, a2, a3]) in acc.iter().enumerate() {
-                *out.add(i * n + r) = sum_ps(_mm256_add_ps(_mm256_add_ps(*a0, *a1), _mm256_add_ps(*a2, *a3)));
+                *out.add(i * stride + r) = sum_ps(_mm256_add_ps(_mm256_add_ps(*a0, *a1), _mm256_add_ps(*a2, *a3)));
             }
         }
     }
@@ -425,8 +478,8 @@ pub(crate) fn avx2() -> bool {
     false
 }
 
-/// The portable path: rows `rows` of out (M, n) = x (M, k) · wᵀ.
-fn rows_scalar<F: Dense>(w: &[u8], k: usize, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32, n: usize) {
+/// The portable path: rows `rows` of out (M, stride) = x (M, k) · wᵀ.
+fn rows_scalar<F: Dense>(w: &[u8], k: usize, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32, stride: usize) {
     let groups = k / GROUP;
     let mut wv = [0f32; GROUP];
     for r in rows {
@@ -440,8 +493,8 @@ fn rows_scalar<F: Dense>(w: &[u8], k: usize, x: &[f32], m: usize, rows: Range<us
             }
         }
         for (i, a) in acc.into_iter().enumerate() {
-            // SAFETY: each (i, r) is written by exactly one caller; `out` holds m * n values.
-            unsafe { *out.add(i * n + r) = a };
+            // SAFETY: each (i, r) is written by exactly one caller; `out` holds m rows of `stride`.
+            unsafe { *out.add(i * stride + r) = a };
         }
     }
 }
@@ -459,26 +512,48 @@ impl Out {
     }
 }
 
-/// Runs `work` on all `n` output rows, split over rayon's threads when they are worth waking.
-fn split(n: usize, row_bytes: usize, work: impl Fn(Range<usize>) + Sync) {
-    // Below this many weight bytes, waking the pool costs more than it saves.
-    if n * row_bytes < 64 * 1024 {
-        work(0..n);
-    } else {
-        // rayon rather than candle's spinning barrier pool: under other load on the machine the
-        // spinning cost 10x here (measured), and rayon's workers sleep when idle.
-        use rayon::prelude::*;
-        let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(1);
-        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| work(c * chunk..n.min((c + 1) * chunk)));
-    }
+/// One matrix's share of a product: computes the given rows of it into its output columns.
+struct Job<'a> {
+    rows: usize,
+    row_bytes: usize,
+    work: Box<dyn Fn(Range<usize>) + Sync + 'a>,
 }
 
-fn run_dense<F: Dense>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
+/// Runs every job on all its rows, split over rayon's threads when they are worth waking.
+fn split(jobs: &[Job]) {
+    let total: usize = jobs.iter().map(|j| j.rows * j.row_bytes).sum();
+    // Below this many weight bytes, waking the pool costs more than it saves.
+    if total < 64 * 1024 {
+        jobs.iter().for_each(|j| (j.work)(0..j.rows));
+        return;
+    }
+    // rayon rather than candle's spinning barrier pool: under other load on the machine the
+    // spinning cost 10x here (measured), and rayon's workers sleep when idle. About 4 pieces per
+    // thread, of similar weight bytes, whatever the matrices.
+    use rayon::prelude::*;
+    let piece = total.div_ceil(rayon::current_num_threads() * 4);
+    let pieces: Vec<(&Job, Range<usize>)> = jobs
+        .iter()
+        .flat_map(|j| {
+            let chunk = piece.div_ceil(j.row_bytes.max(1)).max(1);
+            (0..j.rows).step_by(chunk).map(move |r| (j, r..j.rows.min(r + chunk)))
+        })
+        .collect();
+    pieces.into_par_iter().for_each(|(j, rows)| (j.work)(rows));
+}
+
+/// Columns of out (m, stride) from a dense matrix of k-wide rows.
+fn dense_job<'a, F: Dense>(
+    w: &'a [u8],
+    k: usize,
+    x: &'a [f32],
+    out: Out,
+    stride: usize,
+) -> impl Fn(Range<usize>) + Sync + 'a {
     let m = x.len() / k;
-    let out = Out(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     let reordered = (F::EVENS_THEN_ODDS && x86::available()).then(|| evens_then_odds(x));
-    split(n, k / GROUP * F::BYTES, |rows: Range<usize>| {
+    move |rows: Range<usize>| {
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
             let x = reordered.as_deref().unwrap_or(x);
@@ -487,19 +562,19 @@ fn run_dense<F: Dense>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32])
                 let xs = &x[first * k..];
                 // SAFETY: the features are present; shapes were checked by `gemv`.
                 unsafe {
-                    let (w, o) = (w.as_ptr(), out.ptr().add(first * n));
+                    let (w, o) = (w.as_ptr(), out.ptr().add(first * stride));
                     match m - first {
-                        1 => x86::rows::<F, 1>(w, k, xs, rows.clone(), o, n),
-                        2 => x86::rows::<F, 2>(w, k, xs, rows.clone(), o, n),
-                        3 => x86::rows::<F, 3>(w, k, xs, rows.clone(), o, n),
-                        _ => x86::rows::<F, 4>(w, k, xs, rows.clone(), o, n),
+                        1 => x86::rows::<F, 1>(w, k, xs, rows.clone(), o, stride),
+                        2 => x86::rows::<F, 2>(w, k, xs, rows.clone(), o, stride),
+                        3 => x86::rows::<F, 3>(w, k, xs, rows.clone(), o, stride),
+                        _ => x86::rows::<F, 4>(w, k, xs, rows.clone(), o, stride),
                     }
                 }
             }
             return;
         }
-        rows_scalar::<F>(w, k, x, m, rows, out.ptr(), n);
-    });
+        rows_scalar::<F>(w, k, x, m, rows, out.ptr(), stride);
+    }
 }
 
 /// The portable path for blocks: the same integer products, summed block by block.
@@ -516,7 +591,7 @@ fn dot_scalar<B: Blocks>(row: &[u8], a: &Activations, first: usize) -> f32 {
     acc
 }
 
-/// Rows `rows` of out (m, n): each weight row against each activation row, by `dot`.
+/// Rows `rows` of out (m, stride): each weight row against each activation row, by `dot`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn block_rows<B: Blocks>(
@@ -525,30 +600,46 @@ fn block_rows<B: Blocks>(
     m: usize,
     rows: Range<usize>,
     out: Out,
-    n: usize,
+    stride: usize,
     dot: impl Fn(&[u8], usize) -> f32,
 ) {
     for r in rows {
         let row = &w[r * groups * B::BYTES..][..groups * B::BYTES];
         for i in 0..m {
-            // SAFETY: each (i, r) is written by exactly one caller; `out` holds m * n values.
-            unsafe { *out.ptr().add(i * n + r) = dot(row, i * groups) };
+            // SAFETY: each (i, r) is written by exactly one caller; `out` holds m rows of `stride`.
+            unsafe { *out.ptr().add(i * stride + r) = dot(row, i * groups) };
         }
     }
 }
 
-fn run_blocks<B: Blocks>(w: &[u8], n: usize, k: usize, x: &[f32], out: &mut [f32]) {
+/// Columns of out (m, stride) from a matrix of GGUF blocks.
+fn block_job<'a, B: Blocks>(
+    w: &'a [u8],
+    k: usize,
+    x: &[f32],
+    out: Out,
+    stride: usize,
+) -> impl Fn(Range<usize>) + Sync + 'a {
     let (m, groups) = (x.len() / k, k / GROUP);
     let a = Activations::new(x, B::CENTER);
-    let out = Out(out.as_mut_ptr());
-    split(n, groups * B::BYTES, |rows: Range<usize>| {
+    move |rows: Range<usize>| {
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
             // SAFETY: the features are present; shapes were checked by `gemv`.
-            return unsafe { x86::block_rows::<B>(w, groups, &a, m, rows, out, n) };
+            return unsafe { x86::block_rows::<B>(w, groups, &a, m, rows, out, stride) };
         }
-        block_rows::<B>(w, groups, m, rows, out, n, |row, first| dot_scalar::<B>(row, &a, first));
-    });
+        block_rows::<B>(w, groups, m, rows, out, stride, |row, first| dot_scalar::<B>(row, &a, first));
+    }
+}
+
+/// The bytes of f32/f16/bf16 values as those values, when aligned and whole.
+fn cast<T>(bytes: &[u8]) -> Option<&[T]> {
+    let (size, align) = (std::mem::size_of::<T>(), std::mem::align_of::<T>());
+    if !(bytes.as_ptr() as usize).is_multiple_of(align) || !bytes.len().is_multiple_of(size) {
+        return None;
+    }
+    // SAFETY: aligned, whole values, and every bit pattern is a valid f32, f16 or bf16.
+    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) })
 }
 
 fn bytes_of<T>(s: &[T]) -> &[u8] {
@@ -556,46 +647,64 @@ fn bytes_of<T>(s: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
 }
 
-/// The bytes of `w` after checking every shape: k a positive multiple of 32, x (m, k), out (m, n).
-fn checked<'a>(w: Rows<'a>, n: usize, k: usize, x: &[f32], out: &[f32]) -> Result<&'a [u8], String> {
+/// Checks every shape: k a positive multiple of 32, x (m, k), out (m, Σn), each part n rows of k.
+/// Returns Σn.
+fn checked(parts: &[Part], k: usize, x: &[f32], out: &[f32]) -> Result<usize, String> {
     if k == 0 || !k.is_multiple_of(GROUP) {
         return Err(format!("gemv needs a row length that is a positive multiple of {GROUP}, got {k}"));
     }
+    let n: usize = parts.iter().map(|(_, n)| n).sum();
     let m = x.len() / k;
     if x.len() != m * k || out.len() != m * n {
         return Err(format!("gemv shapes: x has {} values, out {}, for k {k} and n {n}", x.len(), out.len()));
     }
-    let expected = match w {
-        Rows::F32(_) => n * k * 4,
-        Rows::F16(_) | Rows::BF16(_) => n * k * 2,
-        Rows::Q4_0(_) => n * k / GROUP * Q4_0::BYTES,
-        Rows::Q4_1(_) => n * k / GROUP * Q4_1::BYTES,
-        Rows::Q8_0(_) => n * k / GROUP * Q8_0::BYTES,
-    };
-    let bytes = w.bytes();
-    if bytes.len() != expected {
-        return Err(format!("gemv weights: {} bytes where {n} x {k} needs {expected}", bytes.len()));
+    for &(w, rows) in parts {
+        if let Rows::Other(t, _) = w {
+            if !k.is_multiple_of(t.block_size()) {
+                return Err(format!("{t:?} rows of {k} are not whole blocks of {}", t.block_size()));
+            }
+        }
+        let (found, expected) = (w.bytes().len(), rows * w.row_bytes(k));
+        if found != expected {
+            return Err(format!("gemv weights: {found} bytes where {rows} x {k} needs {expected}"));
+        }
     }
-    Ok(bytes)
+    Ok(n)
 }
 
-/// out (m, n) = x (m, k) · wᵀ for a weight matrix of n rows of k. k must be a multiple of 32
-/// and every slice must have its exact size; otherwise nothing is computed and the error says why.
-pub fn gemv(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
-    let bytes = checked(w, n, k, x, out)?;
-    match w {
-        Rows::F32(_) => run_dense::<F32>(bytes, n, k, x, out),
-        Rows::F16(_) => run_dense::<F16>(bytes, n, k, x, out),
-        Rows::BF16(_) => run_dense::<BF16>(bytes, n, k, x, out),
-        Rows::Q4_0(_) => run_blocks::<Q4_0>(bytes, n, k, x, out),
-        Rows::Q4_1(_) => run_blocks::<Q4_1>(bytes, n, k, x, out),
-        Rows::Q8_0(_) => run_blocks::<Q8_0>(bytes, n, k, x, out),
+/// out (m, Σn) = x (m, k) · [w₁; w₂; ...]ᵀ for matrices of n rows of k stacked along the output.
+/// k must be a multiple of 32 and every slice must have its exact size; otherwise nothing is
+/// computed and the error says why.
+pub fn gemv(parts: &[Part], k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
+    let stride = checked(parts, k, x, out)?;
+    if let Some((Rows::Other(t, _), _)) = parts.iter().find(|(w, _)| matches!(w, Rows::Other(..))) {
+        return Err(format!("gemv does not read {t:?} blocks"));
     }
+    let mut out = Out(out.as_mut_ptr());
+    let jobs: Vec<Job> = parts
+        .iter()
+        .map(|&(w, rows)| {
+            let b = w.bytes();
+            let work: Box<dyn Fn(Range<usize>) + Sync> = match w {
+                Rows::F32(_) => Box::new(dense_job::<F32>(b, k, x, out, stride)),
+                Rows::F16(_) => Box::new(dense_job::<F16>(b, k, x, out, stride)),
+                Rows::BF16(_) => Box::new(dense_job::<BF16>(b, k, x, out, stride)),
+                Rows::Q4_0(_) => Box::new(block_job::<Q4_0>(b, k, x, out, stride)),
+                Rows::Q4_1(_) => Box::new(block_job::<Q4_1>(b, k, x, out, stride)),
+                Rows::Q8_0(_) => Box::new(block_job::<Q8_0>(b, k, x, out, stride)),
+                Rows::Other(..) => unreachable!("rejected above"),
+            };
+            // SAFETY: the parts' rows add up to `stride` columns.
+            out = Out(unsafe { out.ptr().add(rows) });
+            Job { rows, row_bytes: w.row_bytes(k), work }
+        })
+        .collect();
+    split(&jobs);
     Ok(())
 }
 
 /// Rows `rows` of a checked matrix decoded to f32 into `out`.
-fn decode_rows(w: Rows, k: usize, rows: Range<usize>, out: &mut [f32]) {
+pub(crate) fn decode_rows(w: Rows, k: usize, rows: Range<usize>, out: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
     let values = rows.start * k..rows.end * k;
     let blocks = |bytes: usize| rows.start * k / GROUP * bytes..rows.end * k / GROUP * bytes;
@@ -608,7 +717,12 @@ fn decode_rows(w: Rows, k: usize, rows: Range<usize>, out: &mut [f32]) {
             Rows::Q4_0(b) => decode_blocks::<Q4_0>(&b[blocks(Q4_0::BYTES)], out),
             Rows::Q4_1(b) => decode_blocks::<Q4_1>(&b[blocks(Q4_1::BYTES)], out),
             Rows::Q8_0(b) => decode_blocks::<Q8_0>(&b[blocks(Q8_0::BYTES)], out),
+            Rows::Other(..) => unreachable!("decoded by decode_rows"),
         }
+    }
+    if let Rows::Other(t, b) = w {
+        let row_bytes = w.row_bytes(k);
+        return decode_other(t, &b[rows.start * row_bytes..rows.end * row_bytes], out);
     }
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
@@ -622,26 +736,61 @@ fn decode_rows(w: Rows, k: usize, rows: Range<usize>, out: &mut [f32]) {
     decode(w, values, blocks, out)
 }
 
-/// `gemv` for many activation rows (a prompt): tiles of w's rows, each small enough to stay in
-/// cache, are decoded to f32 and multiplied by gemm, the tiles split over rayon's threads. The
-/// weights enter at their exact values, the activations as they are.
-pub fn gemm(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
+/// Whole blocks of a `Rows::Other` type decoded to f32 by candle.
+fn decode_other(format: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    use candle_core::quantized::k_quants::*;
+    fn decode<B: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+        B::to_float(cast(bytes).expect("checked by Rows::other"), out)
+    }
+    match format {
+        GgmlDType::Q5_0 => decode::<BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => decode::<BlockQ5_1>(bytes, out),
+        GgmlDType::Q2K => decode::<BlockQ2K>(bytes, out),
+        GgmlDType::Q3K => decode::<BlockQ3K>(bytes, out),
+        GgmlDType::Q4K => decode::<BlockQ4K>(bytes, out),
+        GgmlDType::Q5K => decode::<BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => decode::<BlockQ6K>(bytes, out),
+        _ => unreachable!("Rows::other takes no other type"),
+    }
+}
+
+/// `gemv` for many activation rows (a prompt): tiles of each matrix's rows, each small enough to
+/// stay in cache, are decoded to f32 and multiplied by gemm, the tiles split over rayon's threads.
+/// The weights enter at their exact values, the activations as they are.
+pub fn gemm(parts: &[Part], k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
+    let stride = checked(parts, k, x, out)?;
+    let mut out = Out(out.as_mut_ptr());
+    for &(w, n) in parts {
+        gemm_part(w, n, k, x, out, stride);
+        // SAFETY: the parts' rows add up to `stride` columns.
+        out = Out(unsafe { out.ptr().add(n) });
+    }
+    Ok(())
+}
+
+/// Columns of out (m, stride) from one checked matrix of n rows.
+fn gemm_part(w: Rows, n: usize, k: usize, x: &[f32], out: Out, stride: usize) {
     use rayon::prelude::*;
-    checked(w, n, k, x, out)?;
     let m = x.len() / k;
     // Tiles of at most 256 KiB of f32, as many as a multiple of the threads, of a multiple of 48
     // rows (whole blocks of gemm's 16 x 6 kernel either way round).
     let threads = rayon::current_num_threads();
     let tiles = n.div_ceil((64 * 1024 / k).max(48)).div_ceil(threads) * threads;
     let tile = n.div_ceil(tiles).next_multiple_of(48).min(n);
-    let out = Out(out.as_mut_ptr());
     thread_local!(static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
     (0..n.div_ceil(tile)).into_par_iter().for_each(|t| TILE.with_borrow_mut(|buf| {
         let rows = t * tile..n.min((t + 1) * tile);
-        buf.resize(rows.len() * k, 0.0);
-        decode_rows(w, k, rows.clone(), buf);
-        // SAFETY: x is (m, k) and buf (rows, k), row-major; out (m, n) row-major, of which this
-        // tile writes columns `rows` only.
+        // f32 rows are multiplied where they are; the other formats decoded into `buf`.
+        let tile_values = match w {
+            Rows::F32(s) => &s[rows.start * k..rows.end * k],
+            _ => {
+                buf.resize(rows.len() * k, 0.0);
+                decode_rows(w, k, rows.clone(), buf);
+                &buf[..]
+            }
+        };
+        // SAFETY: x is (m, k) and the tile (rows, k), row-major; out (m, stride) row-major, of
+        // which this tile writes columns `rows` only.
         unsafe {
             gemm::gemm(
                 m,
@@ -649,12 +798,12 @@ pub fn gemm(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(
                 k,
                 out.ptr().add(rows.start),
                 1,
-                n as isize,
+                stride as isize,
                 false,
                 x.as_ptr(),
                 1,
                 k as isize,
-                buf.as_ptr(),
+                tile_values.as_ptr(),
                 k as isize,
                 1,
                 0.0,
@@ -666,7 +815,6 @@ pub fn gemm(w: Rows, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(
             )
         }
     }));
-    Ok(())
 }
 
 #[cfg(test)]

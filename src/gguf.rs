@@ -17,6 +17,7 @@ use crate::chat::ChatTemplate;
 use crate::config::GraniteConfig;
 use crate::error::{candle_message, Error, Result};
 use crate::linear::Weight;
+use crate::mapped::{self, Mapped};
 
 /// An opened GGUF file: its metadata and tensor index, read without the tensor data.
 pub struct Gguf {
@@ -171,14 +172,27 @@ impl Gguf {
         Ok(Some(ChatTemplate::new(source.clone(), token("bos_token_id"), token("eos_token_id"))?))
     }
 
-    /// Every tensor under its HF name, q and k rows back in HF's order: f32 and 1-D tensors dense
-    /// in f32, the other matrices in their GGUF type.
+    /// Every tensor under its HF name, q and k rows back in HF's order. Matrices that `gemv`
+    /// reads stay in the mapped file; q and k (reordered), 1-D tensors and the k-quants are read:
+    /// f32 and 1-D ones dense in f32, the other matrices in their GGUF type.
     pub fn weights(&self, cfg: &GraniteConfig) -> Result<HashMap<String, Weight>> {
+        let map = mapped::map(&self.path)?;
         let file = File::open(&self.path).map_err(|source| Error::Io { path: self.path.clone(), source })?;
         let mut reader = BufReader::new(file);
         let mut out = HashMap::new();
-        for name in self.content.tensor_infos.keys() {
+        for (name, info) in &self.content.tensor_infos {
             let hf = hf_name(name).ok_or_else(|| bad(&self.path, format!("tensor `{name}` is not supported")))?;
+            let permuted = name.contains(".attn_q.") || name.contains(".attn_k.");
+            let in_place = match info.shape.dims() {
+                &[n, k] if !permuted => usize::try_from(self.content.tensor_data_offset + info.offset)
+                    .ok()
+                    .and_then(|at| Mapped::new(&map, at, info.ggml_dtype, (n, k))),
+                _ => None,
+            };
+            if let Some(m) = in_place {
+                out.insert(hf, Weight::Mapped(Arc::new(m)));
+                continue;
+            }
             let q = self
                 .content
                 .tensor(&mut reader, name, &Device::Cpu)

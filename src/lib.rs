@@ -13,6 +13,7 @@ pub mod gguf_tokenizer;
 pub mod granite;
 pub mod kv_cache;
 pub mod linear;
+pub mod mapped;
 pub mod ops;
 pub mod rope;
 pub mod sampling;

@@ -1,17 +1,23 @@
 //! Checkpoint tensors by HF name, with named errors: memory-mapped safetensors (single-file or
-//! sharded), or tensors already in memory (a GGUF, its quantized matrices kept as stored).
+//! sharded), or tensors a GGUF reader has gathered. On the CPU, matrices whose stored format is
+//! used as it is stay in the mapped file (`Weight::Mapped`); the rest are loaded and converted.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
-use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorView};
+use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::config::read_json;
 use crate::error::{candle_message, Error, Result};
 use crate::linear::Weight;
+use crate::mapped::{self, Mapped};
 
 /// What loading does to the weight matrices of the projections and embeddings.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -43,6 +49,21 @@ impl Quantization {
     }
 }
 
+/// Whether a matrix stored as `format` is used as stored, for a model computing in `dtype`.
+/// As stored, only f32 converts (to a dtype other than f32); f16/bf16 matrices are computed in
+/// f32, like the quantized types.
+fn keeps(format: GgmlDType, dtype: DType, quantization: Quantization) -> bool {
+    let exact = matches!(
+        (format, dtype),
+        (GgmlDType::F32, DType::F32) | (GgmlDType::F16, DType::F16) | (GgmlDType::BF16, DType::BF16)
+    );
+    match quantization {
+        Quantization::To(to) => to == format,
+        Quantization::Dequantize => exact,
+        Quantization::AsStored => exact || format != GgmlDType::F32,
+    }
+}
+
 /// Every tensor of a checkpoint, converted to the compute dtype when asked for.
 pub struct Weights {
     source: Source,
@@ -53,11 +74,20 @@ pub struct Weights {
 
 enum Source {
     Safetensors {
-        files: Vec<(PathBuf, MmapedSafetensors)>,
+        files: Vec<SafetensorsFile>,
         /// Tensor name -> index into `files`.
         location: HashMap<String, usize>,
     },
     Memory(HashMap<String, Weight>),
+}
+
+/// One safetensors file, mapped, and its validated header.
+struct SafetensorsFile {
+    path: PathBuf,
+    map: Arc<Mmap>,
+    /// Where the tensor data starts: after the header's 8-byte length and the header.
+    data_start: usize,
+    header: Metadata,
 }
 
 #[derive(Deserialize)]
@@ -65,13 +95,24 @@ struct ShardIndex {
     weight_map: HashMap<String, String>,
 }
 
-fn open(path: &Path) -> Result<MmapedSafetensors> {
+fn open(path: &Path) -> Result<SafetensorsFile> {
     if !path.is_file() {
         return Err(Error::NotFound { what: "weights file", path: path.into() });
     }
-    // SAFETY: the map is read-only; like every mmap reader we rely on nobody truncating the file under us.
-    unsafe { MmapedSafetensors::new(path) }
-        .map_err(|e| Error::Safetensors { path: path.into(), reason: candle_message(e) })
+    let map = mapped::map(path)?;
+    let (header_len, header) = SafeTensors::read_metadata(&map)
+        .map_err(|e| Error::Safetensors { path: path.into(), reason: e.to_string() })?;
+    Ok(SafetensorsFile { path: path.into(), map, data_start: 8 + header_len, header })
+}
+
+impl SafetensorsFile {
+    /// `name`'s dtype, shape and bytes (read_metadata checked that they lie in the file).
+    fn view(&self, name: &str) -> Option<(Dtype, &[usize], usize, &[u8])> {
+        let info = self.header.info(name)?;
+        let (start, end) = info.data_offsets;
+        let at = self.data_start + start;
+        Some((info.dtype, &info.shape, at, &self.map[at..self.data_start + end]))
+    }
 }
 
 impl Weights {
@@ -87,11 +128,11 @@ impl Weights {
             for shard in shards {
                 let path = dir.join(shard);
                 let st = open(&path)?;
-                for (name, _) in st.tensors() {
+                for name in st.header.tensors().into_keys() {
                     location.insert(name, files.len());
                 }
                 shard_of.insert(shard, files.len());
-                files.push((path, st));
+                files.push(st);
             }
             for (name, shard) in &index.weight_map {
                 if location.get(name) != shard_of.get(shard) {
@@ -104,8 +145,8 @@ impl Weights {
         } else {
             let path = dir.join("model.safetensors");
             let st = open(&path)?;
-            location = st.tensors().into_iter().map(|(name, _)| (name, 0)).collect();
-            files.push((path, st));
+            location = st.header.tensors().into_keys().map(|name| (name, 0)).collect();
+            files.push(st);
         }
         Ok(Self {
             source: Source::Safetensors { files, location },
@@ -124,29 +165,49 @@ impl Weights {
         Self { quantization, ..self }
     }
 
-    /// A weight matrix (out, in), quantized or dense as `Quantization` says. Quantized matrices
-    /// run on the CPU only; on another device they are dequantized.
+    /// A weight matrix (out, in), quantized, mapped or dense as `Quantization` says. Quantized
+    /// and mapped matrices run on the CPU only; on another device they are dequantized.
     pub fn matrix(&self, name: &str, shape: [usize; 2]) -> Result<Weight> {
         let stored = match &self.source {
             Source::Memory(tensors) => match tensors.get(name) {
-                Some(w @ Weight::Quantized(_)) => {
+                Some(w) if w.stored_type().is_some() => {
                     let (n, k) = w.dims2()?;
                     check_shape(name, &shape, &[n, k])?;
                     w.clone()
                 }
                 _ => Weight::Dense(self.get(name, &shape)?),
             },
-            Source::Safetensors { .. } => Weight::Dense(self.get(name, &shape)?),
+            Source::Safetensors { .. } => match self.mapped(name, shape)? {
+                Some(m) => Weight::Mapped(Arc::new(m)),
+                None => Weight::Dense(self.get(name, &shape)?),
+            },
         };
         let quantization = if self.device.is_cpu() { self.quantization } else { Quantization::Dequantize };
-        match (quantization, stored) {
-            (Quantization::To(to), Weight::Quantized(q)) if q.dtype() == to => Ok(Weight::Quantized(q)),
-            (Quantization::To(to), w) => Weight::Dense(w.dequantize(DType::F32)?).quantize(to),
-            (Quantization::Dequantize, w @ Weight::Quantized(_)) => {
-                Ok(Weight::Dense(w.dequantize(self.dtype)?.to_device(&self.device)?))
-            }
-            (_, w) => Ok(w),
+        match (stored.stored_type(), quantization) {
+            (Some(format), _) if self.device.is_cpu() && keeps(format, self.dtype, quantization) => Ok(stored),
+            (_, Quantization::To(to)) => Weight::Dense(stored.dequantize(DType::F32)?).quantize(to),
+            (None, _) => Ok(stored),
+            (Some(_), _) => Ok(Weight::Dense(stored.dequantize(self.dtype)?.to_device(&self.device)?)),
         }
+    }
+
+    /// Safetensors matrix `name`, read in place, where its dtype is used as stored (CPU only).
+    fn mapped(&self, name: &str, shape: [usize; 2]) -> Result<Option<Mapped>> {
+        let Source::Safetensors { files, location } = &self.source else { return Ok(None) };
+        let Some((dtype, found, at, _)) = location.get(name).and_then(|&f| files[f].view(name)) else {
+            return Ok(None);
+        };
+        check_shape(name, &shape, found)?;
+        let format = match dtype {
+            Dtype::F32 => GgmlDType::F32,
+            Dtype::F16 => GgmlDType::F16,
+            Dtype::BF16 => GgmlDType::BF16,
+            _ => return Ok(None),
+        };
+        if !self.device.is_cpu() || !keeps(format, self.dtype, self.quantization) {
+            return Ok(None);
+        }
+        Ok(Mapped::new(&files[location[name]].map, at, format, (shape[0], shape[1])))
     }
 
     /// Loads `name`, checks its shape, and converts it to the compute dtype on the device.
@@ -161,15 +222,16 @@ impl Weights {
                 return Ok(t.to_device(&self.device)?);
             }
         };
-        let file = *location.get(name).ok_or_else(missing)?;
-        let (path, st) = &files[file];
-        let bad = |e| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {}", candle_message(e)) };
-        let view = st.get(name).map_err(bad)?;
-        check_shape(name, shape, view.shape())?;
-        let tensor = view.load(&self.device).map_err(bad)?;
+        let file = &files[*location.get(name).ok_or_else(missing)?];
+        let bad =
+            |reason: String| Error::Safetensors { path: file.path.clone(), reason: format!("`{name}`: {reason}") };
+        let (dtype, found, _, data) = file.view(name).ok_or_else(missing)?;
+        check_shape(name, shape, found)?;
+        let view = TensorView::new(dtype, found.to_vec(), data).map_err(|e| bad(e.to_string()))?;
+        let tensor = view.load(&self.device).map_err(|e| bad(candle_message(e)))?;
         if !tensor.dtype().is_float() {
             return Err(Error::Safetensors {
-                path: path.clone(),
+                path: file.path.clone(),
                 reason: format!("`{name}` has dtype {:?}; weights must be float", tensor.dtype()),
             });
         }

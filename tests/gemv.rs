@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use granite_rs::gemv::{gemv, Rows};
 use granite_rs::linear::{Linear, Weight};
+use granite_rs::mapped::{self, Mapped};
 
 fn random(shape: (usize, usize), seed: u64) -> Tensor {
     // Deterministic values in [-1, 1) without a RNG dependency: a multiplicative hash.
@@ -39,9 +40,13 @@ fn dense_formats_match_matmul() {
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let mut out = vec![0f32; m * n];
                 match dtype {
-                    DType::F32 => gemv(Rows::F32(&wd.flatten_all().unwrap().to_vec1().unwrap()), n, k, &xs, &mut out),
-                    DType::F16 => gemv(Rows::F16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n, k, &xs, &mut out),
-                    _ => gemv(Rows::BF16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n, k, &xs, &mut out),
+                    DType::F32 => {
+                        gemv(&[(Rows::F32(&wd.flatten_all().unwrap().to_vec1().unwrap()), n)], k, &xs, &mut out)
+                    }
+                    DType::F16 => {
+                        gemv(&[(Rows::F16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n)], k, &xs, &mut out)
+                    }
+                    _ => gemv(&[(Rows::BF16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n)], k, &xs, &mut out),
                 }
                 .unwrap();
                 let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
@@ -69,7 +74,7 @@ fn quantized_formats_match_their_dequantized_weights() {
                 let x = random((m, k), 11 + m as u64);
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let mut out = vec![0f32; m * n];
-                gemv(rows, n, k, &xs, &mut out).unwrap();
+                gemv(&[(rows, n)], k, &xs, &mut out).unwrap();
                 let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
                 let err = max_rel_err(&got, &reference(&x, &deq));
                 assert!(err < 1e-5, "{dtype:?} {m}x{k} by {n}x{k}: relative error {err}");
@@ -79,38 +84,46 @@ fn quantized_formats_match_their_dequantized_weights() {
 }
 
 /// `gemm` (prompts: decoded tiles, then gemm) on every format: exact weights, f32 activations.
+/// The k-quants, Q5_0 and Q5_1 are decoded by candle (`Rows::Other`), which `gemv` refuses.
 #[test]
 fn gemm_matches_matmul_on_every_format() {
-    for (n, k) in [(7, 64), (300, 576), (1536, 96)] {
+    use GgmlDType::*;
+    for (n, k) in [(7, 64), (300, 576), (1536, 96), (300, 512)] {
         let w = random((n, k), 21);
         for m in [9, 37] {
             let x = random((m, k), 5 + m as u64);
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
-            {
+            let all = [F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q2K, Q3K, Q4K, Q5K, Q6K];
+            for dtype in all.into_iter().filter(|t| k.is_multiple_of(t.block_size())) {
                 let q = QTensor::quantize(&w, dtype).unwrap();
                 let deq = q.dequantize(&Device::Cpu).unwrap();
                 let data = q.data().unwrap();
                 let (f32s, f16s, bf16s);
                 let rows = match dtype {
-                    GgmlDType::F32 => {
+                    F32 => {
                         f32s = deq.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                         Rows::F32(&f32s)
                     }
-                    GgmlDType::F16 => {
+                    F16 => {
                         f16s = deq.to_dtype(DType::F16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                         Rows::F16(&f16s)
                     }
-                    GgmlDType::BF16 => {
+                    BF16 => {
                         bf16s = deq.to_dtype(DType::BF16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                         Rows::BF16(&bf16s)
                     }
-                    GgmlDType::Q4_0 => Rows::Q4_0(&data),
-                    GgmlDType::Q4_1 => Rows::Q4_1(&data),
-                    _ => Rows::Q8_0(&data),
+                    Q4_0 => Rows::Q4_0(&data),
+                    Q4_1 => Rows::Q4_1(&data),
+                    Q8_0 => Rows::Q8_0(&data),
+                    other => {
+                        let rows = Rows::other(other, &data).unwrap();
+                        let err = gemv(&[(rows, n)], k, &xs[..k], &mut vec![0f32; n]).unwrap_err();
+                        assert!(err.contains("does not read"), "{err}");
+                        rows
+                    }
                 };
                 let mut out = vec![0f32; m * n];
-                granite_rs::gemv::gemm(rows, n, k, &xs, &mut out).unwrap();
+                granite_rs::gemv::gemm(&[(rows, n)], k, &xs, &mut out).unwrap();
                 let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
                 let err = max_rel_err(&got, &reference(&x, &deq));
                 assert!(err < 1e-5, "gemm {dtype:?} {m}x{k} by {n}x{k}: relative error {err}");
@@ -138,7 +151,7 @@ fn quantized_formats_keep_non_finite_activations() {
                 let mut x = vec![0.5f32; k];
                 x[at] = bad;
                 let mut out = vec![0f32; n];
-                gemv(rows, n, k, &x, &mut out).unwrap();
+                gemv(&[(rows, n)], k, &x, &mut out).unwrap();
                 assert!(out.iter().all(|v| !v.is_finite()), "{dtype:?}: {bad} at {at} gave {out:?}");
             }
         }
@@ -149,13 +162,13 @@ fn quantized_formats_keep_non_finite_activations() {
 fn gemv_rejects_bad_shapes() {
     let w = vec![0f32; 64];
     let mut out = vec![0f32; 2];
-    assert!(gemv(Rows::F32(&w), 2, 30, &[0.0; 30], &mut out).unwrap_err().contains("multiple of 32"));
-    assert!(gemv(Rows::F32(&w), 2, 32, &[0.0; 33], &mut out).unwrap_err().contains("shapes"));
-    assert!(gemv(Rows::F32(&w[..63]), 2, 32, &[0.0; 32], &mut out).unwrap_err().contains("bytes"));
+    assert!(gemv(&[(Rows::F32(&w), 2)], 30, &[0.0; 30], &mut out).unwrap_err().contains("multiple of 32"));
+    assert!(gemv(&[(Rows::F32(&w), 2)], 32, &[0.0; 33], &mut out).unwrap_err().contains("shapes"));
+    assert!(gemv(&[(Rows::F32(&w[..63]), 2)], 32, &[0.0; 32], &mut out).unwrap_err().contains("bytes"));
 }
 
 /// Every path of `Linear`: gemv for few rows, matmul for many, candle's quantized matmul for
-/// the k-quants, and stacked weights of mixed types.
+/// the k-quants, stacked weights of mixed types, and weights read in place from a mapped file.
 #[test]
 fn linear_matches_matmul_on_every_path() {
     let (k, n1, n2) = (512, 64, 96);
@@ -163,7 +176,25 @@ fn linear_matches_matmul_on_every_path() {
     let bias = random((1, n1 + n2), 9).squeeze(0).unwrap();
     let (b1, b2) = (bias.narrow(0, 0, n1).unwrap(), bias.narrow(0, n1, n2).unwrap());
     let quantized = |w: &Tensor, t| Weight::Quantized(Arc::new(QTensor::quantize(w, t).unwrap()));
+    // A file holding w1 and w2 as f32, then w1 as bf16 and w2 as q4_1, read through one map.
+    let stored = |w: &Tensor, t| QTensor::quantize(w, t).unwrap().data().unwrap().into_owned();
+    let blobs = [
+        stored(&w1, GgmlDType::F32),
+        stored(&w2, GgmlDType::F32),
+        stored(&w1, GgmlDType::BF16),
+        stored(&w2, GgmlDType::Q4_1),
+    ];
+    let path = std::env::temp_dir().join(format!("granite-gemv-mapped-{}", std::process::id()));
+    std::fs::write(&path, blobs.concat()).unwrap();
+    let map = mapped::map(&path).unwrap();
+    let _ = std::fs::remove_file(&path); // the map outlives the name on Unix
+    let starts: Vec<usize> = blobs.iter().scan(0, |at, b| Some(std::mem::replace(at, *at + b.len()))).collect();
+    let in_file = |i: usize, t, n| Weight::Mapped(Arc::new(Mapped::new(&map, starts[i], t, (n, k)).unwrap()));
     let cases = [
+        // Neighbours in the file in one format become one matrix: one pass over the weights.
+        ("mapped f32, joined", in_file(0, GgmlDType::F32, n1), in_file(1, GgmlDType::F32, n2), 1e-5),
+        ("mapped bf16 + mapped q4_1", in_file(2, GgmlDType::BF16, n1), in_file(3, GgmlDType::Q4_1, n2), 1e-5),
+        ("mapped f32 + dense", in_file(0, GgmlDType::F32, n1), Weight::Dense(w2.clone()), 1e-5),
         ("dense", Weight::Dense(w1.clone()), Weight::Dense(w2.clone()), 1e-5),
         ("q8_0", quantized(&w1, GgmlDType::Q8_0), quantized(&w2, GgmlDType::Q8_0), 1e-5),
         ("q4_1 + q8_0", quantized(&w1, GgmlDType::Q4_1), quantized(&w2, GgmlDType::Q8_0), 1e-5),
@@ -176,6 +207,7 @@ fn linear_matches_matmul_on_every_path() {
     for (name, a, b, tol) in cases {
         let want_w = Tensor::cat(&[a.dequantize(DType::F32).unwrap(), b.dequantize(DType::F32).unwrap()], 0).unwrap();
         let linear = Linear::stack(vec![Linear::new(a, Some(b1.clone())), Linear::new(b, Some(b2.clone()))]).unwrap();
+        assert_eq!(linear.weights().len(), if name.contains(" + ") { 2 } else { 1 }, "{name}");
         for rows in [1, 3, 8, 9, 40] {
             let x = random((rows, k), 13).reshape((1, rows, k)).unwrap();
             let want = reference(&x.squeeze(0).unwrap(), &want_w).broadcast_add(&bias).unwrap();

@@ -166,6 +166,26 @@ def test_generate_ids_with_details(gen):
     assert r.text == gen.decode(plain)
 
 
+def test_bf16_checkpoint_is_read_in_place(tmp_path):
+    """bfloat16 weights computed in float32 straight from the mapped file give the logits of the
+    same values stored as float32; converting them to the compute dtype (quantize="none") too."""
+    from conftest import make_checkpoint, read_safetensors, write_safetensors
+
+    kw = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+    half_dir = make_checkpoint(tmp_path / "bf16", torch_dtype="bfloat16", **kw)
+    full_dir = make_checkpoint(tmp_path / "f32", **kw)
+    write_safetensors(full_dir / "model.safetensors", read_safetensors(half_dir / "model.safetensors"))
+    half, full, converted = Generator(half_dir), Generator(full_dir), Generator(half_dir, quantize="none")
+    assert set(half.weight_types) == {"bf16"} and half.mapped_weight_bytes == half.weight_bytes
+    assert set(converted.weight_types) == {"f32"} and converted.mapped_weight_bytes == 0
+    assert half.weight_bytes * 2 == full.weight_bytes == full.mapped_weight_bytes
+    ids = full.encode("The quick brown fox jumps over the lazy dog")
+    want = full.logits(ids)
+    for g in (half, converted):
+        assert np.abs(g.logits(ids) - want).max() < 1e-5 * np.abs(want).max()
+    assert half.generate_ids(ids, max_new_tokens=8) == full.generate_ids(ids, max_new_tokens=8)
+
+
 def test_quantize_and_weight_types(tmp_path):
     from conftest import make_checkpoint
 
@@ -174,6 +194,8 @@ def test_quantize_and_weight_types(tmp_path):
     assert set(dense.weight_types) == {"f32"} and set(q8.weight_types) == {"q8_0"}
     assert set(half.weight_types) == {"bf16"} and half.weight_bytes * 2 == dense.weight_bytes
     assert q8.weight_bytes < dense.weight_bytes / 3
+    # As stored, float32 matrices are used in place from the mapped file; converted ones are not.
+    assert dense.mapped_weight_bytes == dense.weight_bytes and q8.mapped_weight_bytes == half.mapped_weight_bytes == 0
     ids = dense.encode("The quick brown fox")
     # Q8_0 weights, computed exactly from their values: close logits, the same greedy start.
     a, b = dense.logits(ids), q8.logits(ids)

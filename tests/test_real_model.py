@@ -29,6 +29,12 @@ def test_greedy_ids_equal_transformers(smol):
         assert new == case["greedy_ids"], name
 
 
+def test_gguf_matrices_are_read_in_place(smol):
+    """Every matrix but q and k (their rows are reordered at load) stays in the mapped file."""
+    assert set(smol.weight_types) == {"q4_1", "q8_0"}
+    assert 0.8 * smol.weight_bytes < smol.mapped_weight_bytes < smol.weight_bytes
+
+
 def test_chat_knows_the_capital_of_france(smol):
     answer = smol.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=40)
     assert "Paris" in answer

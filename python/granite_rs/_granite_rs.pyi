@@ -216,6 +216,11 @@ class Generator(_Generates):
     def weight_bytes(self) -> int:
         """Bytes of the weight matrices: what one decode step reads."""
     @property
+    def mapped_weight_bytes(self) -> int:
+        """Bytes of the weight matrices read in place from the memory-mapped checkpoint file (CPU):
+        those whose stored type is used as stored. They are not copied into the process's memory;
+        the OS pages them in, shares them between processes and may evict them."""
+    @property
     def weight_types(self) -> dict[str, int]:
         """How many weight matrices have each type (``f32``, ``bf16``, ``q4_1``, ...)."""
     @property

@@ -463,6 +463,18 @@ def current_rss_bytes() -> Optional[int]:
         return peak_rss_bytes()
 
 
+def file_rss_bytes() -> Optional[int]:
+    """Resident pages backed by files (Linux): the mapped weights that have been read, among others."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _mib(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -713,6 +725,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "dtype": g.dtype,
         "weight_types": g.weight_types,
         "weight_bytes": g.weight_bytes,
+        "mapped_weight_bytes": g.mapped_weight_bytes,
         "threads": g.num_threads,
         "prompt_tokens": runs[0]["prompt_tokens"],
         "requested_prompt_tokens": args.prompt_tokens,
@@ -725,6 +738,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "total_s": median("total_s"),
         "rss_after_load_bytes": rss_after_load,
         "peak_rss_bytes": peak_rss_bytes(),
+        "file_rss_bytes": file_rss_bytes(),
         "runs": runs,
     }
     if args.json:
@@ -738,7 +752,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     print(f"model   {path}  ({g.device}, {g.dtype}, {g.num_threads} threads)")
     types = ", ".join(f"{n} {t}" for t, n in g.weight_types.items())
-    print(f"weights {g.weight_bytes / 2**20:,.1f} MiB read per token ({types})")
+    print(f"weights {g.weight_bytes / 2**20:,.1f} MiB read per token ({types}), "
+          f"{g.mapped_weight_bytes / 2**20:,.1f} MiB of them read in place from the mapped file")
     print(f"prompt  {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, "
           f"median of {args.reps} run{'s' if args.reps != 1 else ''}")
     rows = [
@@ -752,6 +767,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ("total per run", fmt(result["total_s"], ".3f"), "s"),
         ("RSS after load", fmt(None if rss_after_load is None else rss_after_load / 2**20, ",.1f"), "MiB"),
         ("peak RSS", fmt(None if peak is None else peak / 2**20, ",.1f"), "MiB"),
+        ("RSS backed by files", fmt(None if result["file_rss_bytes"] is None
+                                    else result["file_rss_bytes"] / 2**20, ",.1f"), "MiB"),
     ]
     print(f"{'metric':<20}  {'value':>12}  unit")
     for name, value, unit in rows:
@@ -827,7 +844,8 @@ BENCH_EPILOG = """\
 Each run generates --new-tokens tokens (greedy, ignoring end-of-sequence) after a prompt of
 about --prompt-tokens tokens, after --warmup short warm-up runs. Reported are medians:
 prefill speed (prompt tokens / time to first token), time to first token, decode speed
-(tokens after the first per second), and the process's RSS after load and peak RSS.
+(tokens after the first per second), and the process's RSS after load, peak RSS, and the
+resident pages backed by files at the end (weights read in place from a mapped file count there).
 
 examples:
   granite-rs bench

@@ -272,6 +272,12 @@ impl Generator {
         self.inner.model().matrices().iter().map(|w| w.size_in_bytes()).sum()
     }
 
+    /// Bytes of the weight matrices read in place from the memory-mapped checkpoint file.
+    #[getter]
+    fn mapped_weight_bytes(&self) -> usize {
+        self.inner.model().matrices().iter().filter(|w| w.is_mapped()).map(|w| w.size_in_bytes()).sum()
+    }
+
     #[getter]
     fn weight_types(&self) -> std::collections::BTreeMap<String, usize> {
         let mut types = std::collections::BTreeMap::new();
