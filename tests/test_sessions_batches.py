@@ -3,6 +3,7 @@
 import _thread
 import asyncio
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -237,7 +238,16 @@ def test_cancel_stops_a_long_prefill_within_a_layer(slow):
     assert time.perf_counter() - t0 < prefill_time, (time.perf_counter() - t0, prefill_time)
 
 
-def test_keyboard_interrupt_stops_generate(slow):
+@pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler, as in an interactive run: a shell that starts pytest in the
+    background hands it SIGINT ignored, and then interrupt_main does nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_keyboard_interrupt_stops_generate(slow, ctrl_c):
     threading.Timer(0.3, _thread.interrupt_main).start()
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
