@@ -388,6 +388,10 @@ mod x86 {
         let (scale, sum, center) = (a.scale.as_ptr().add(first), a.sum.as_ptr().add(first), a.center.as_ptr().add(first));
         let (mut acc, mut acc_m) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut step = |g: usize, count: usize| {
+            // As in `rows`: each line of weights asked for 2 KiB ahead of its use.
+            for line in (0..8 * B::BYTES).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(g * B::BYTES + 2048 + line) as *const i8);
+            }
             let (ints, heads) = block8::<B>(row, q, center, g, count);
             let load = |p: *const f32| {
                 if count == 8 {
@@ -448,6 +452,14 @@ mod x86 {
             let mut acc = [[_mm256_setzero_ps(); 4]; M];
             let row = w.add(r * groups * F::BYTES);
             for g in 0..groups {
+                // Weights stream from memory: each line is asked for 2 KiB ahead of its use (a
+                // prefetch past the end of the matrix is harmless). SmolLM2 decode on a 2-core
+                // Xeon: f32 +10%, Q4_1 +35%.
+                let ahead = row.wrapping_add(g * F::BYTES + 2048);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                if F::BYTES > 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+                }
                 let wv = F::avx2(row.add(g * F::BYTES));
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let xs = x.as_ptr().add(i * k + g * super::GROUP);
