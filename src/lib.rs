@@ -1,38 +1,29 @@
 //! granite-rs: IBM Granite decoder LLMs on candle.
+//!
+//! The parts, and which may use which, are in ARCHITECTURE.md: `config` (config.json), `text`
+//! (tokenizers, chat templates), `kernels` (CPU and CUDA ops: leaves), `loading` (safetensors,
+//! GGUF, mapped weights), `model` (the forward), `generation` (sampling, sessions, batches, the
+//! loaded model), and `python` (the PyO3 layer).
 
-pub mod batch;
-pub mod chat;
 pub mod config;
-pub mod convert;
 pub mod error;
-pub mod gemv;
-pub mod generate;
 pub mod generation;
-pub mod gguf;
-pub mod gguf_tokenizer;
-pub mod granite;
-pub mod kv_cache;
-pub mod linear;
-pub mod mapped;
-pub mod ops;
-pub mod rope;
-pub mod sampling;
-pub mod session;
-pub mod tokenizer;
-pub mod weights;
+pub mod kernels;
+pub mod loading;
+pub mod model;
+pub mod text;
 
-#[cfg(feature = "cuda")]
-mod cuda;
 #[cfg(feature = "python")]
 mod python;
 
-pub use batch::{generate_batch, BatchOutput};
 pub use config::GraniteConfig;
 pub use error::{Error, Result};
-pub use generate::{FinishReason, GenerateParams, Generator, LoadOptions};
-pub use generation::{Generation, Timings, TokenLogprob};
-pub use granite::{ForwardOptions, Granite, Logits};
-pub use kv_cache::KvCache;
-pub use sampling::SamplingParams;
-pub use session::Session;
-pub use weights::Quantization;
+pub use generation::batch::{generate_batch, BatchOutput};
+pub use generation::model::{Generator, LoadOptions};
+pub use generation::params::{GenerateParams, SamplingParams};
+pub use generation::sequence::{Sequence, Timings, TokenLogprob};
+pub use generation::session::Session;
+pub use generation::stopping::FinishReason;
+pub use loading::quantization::Quantization;
+pub use model::granite::{ForwardOptions, Granite, Logits};
+pub use model::kv_cache::KvCache;

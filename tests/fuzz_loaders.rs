@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use granite_rs::{GenerateParams, Generation, Generator};
+use granite_rs::{GenerateParams, Generator, Sequence};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -43,7 +43,7 @@ fn load_and_run(path: &Path) -> Option<String> {
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let Ok(g) = Generator::load(path, &Device::Cpu, None) else { return };
         let params = GenerateParams { max_new_tokens: Some(2), ..Default::default() };
-        let _ = Generation::new(Arc::new(g), vec![1, 2], params).and_then(|mut run| run.run());
+        let _ = Sequence::new(Arc::new(g), vec![1, 2], params).and_then(|mut run| run.run());
     }));
     outcome.err().map(|panic| {
         panic

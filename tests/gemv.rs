@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use granite_rs::gemv::{gemv, Rows};
-use granite_rs::linear::{Linear, Weight};
-use granite_rs::mapped::{self, Mapped};
+use granite_rs::kernels::cpu::{gemv, Rows};
+use granite_rs::loading::mapped::{self, Mapped};
+use granite_rs::loading::weight::Weight;
+use granite_rs::model::linear::Linear;
 
 fn random(shape: (usize, usize), seed: u64) -> Tensor {
     // Deterministic values in [-1, 1) without a RNG dependency: a multiplicative hash.
@@ -123,7 +124,7 @@ fn gemm_matches_matmul_on_every_format() {
                     }
                 };
                 let mut out = vec![0f32; m * n];
-                granite_rs::gemv::gemm(&[(rows, n)], k, &xs, &mut out).unwrap();
+                granite_rs::kernels::cpu::gemm(&[(rows, n)], k, &xs, &mut out).unwrap();
                 let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
                 let err = max_rel_err(&got, &reference(&x, &deq));
                 assert!(err < 1e-5, "gemm {dtype:?} {m}x{k} by {n}x{k}: relative error {err}");

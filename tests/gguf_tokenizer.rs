@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use granite_rs::gguf_tokenizer::{
+use granite_rs::text::gguf_tokenizer::{
     gguf_special_ids, hf_tokenizer_from_metadata, tokenizer_from_gguf, tokenizer_from_metadata,
 };
 use serde_json::Value as Json;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use granite_rs::tokenizer::Tokenizer;
-use granite_rs::{GenerateParams, Generation, Generator, GraniteConfig};
+use granite_rs::text::tokenizer::Tokenizer;
+use granite_rs::{GenerateParams, Generator, GraniteConfig, Sequence};
 
 const CASES: [&str; 2] = ["mha_tied", "gqa_untied"];
 
@@ -40,7 +40,7 @@ fn logits_and_greedy_tokens_match_transformers() {
         assert!(err <= 1e-4, "{case}: {err}");
 
         let params = GenerateParams { max_new_tokens: Some(greedy.len()), ignore_eos: true, ..Default::default() };
-        let mut generation = Generation::new(g, prompt, params).unwrap();
+        let mut generation = Sequence::new(g, prompt, params).unwrap();
         generation.run().unwrap();
         assert_eq!(generation.new_tokens(), greedy.as_slice(), "{case}");
     }

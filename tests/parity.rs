@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use granite_rs::weights::Weights;
+use granite_rs::loading::safetensors::Weights;
 use granite_rs::{Granite, GraniteConfig, Logits};
 
 const CASES: [&str; 8] =

@@ -7,9 +7,9 @@ mod common;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use granite_rs::gguf::Gguf;
-use granite_rs::weights::Weights;
-use granite_rs::{GenerateParams, Generation, Generator, Granite, Logits};
+use granite_rs::loading::gguf::Gguf;
+use granite_rs::loading::safetensors::Weights;
+use granite_rs::{GenerateParams, Generator, Granite, Logits, Sequence};
 use serde_json::Value;
 
 fn reference() -> Value {
@@ -58,7 +58,7 @@ fn greedy_tokens_equal_transformers() {
             ignore_eos: name != "chat",
             ..Default::default()
         };
-        let mut generation = Generation::new(g.clone(), expected_prompt, params).unwrap();
+        let mut generation = Sequence::new(g.clone(), expected_prompt, params).unwrap();
         let text = generation.run().unwrap();
         assert_eq!(generation.new_tokens(), ids(&case["greedy_ids"]).as_slice(), "{name}: greedy ids");
         assert_eq!(text, case["greedy_text"].as_str().unwrap(), "{name}: text");

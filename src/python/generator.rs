@@ -1,23 +1,24 @@
-//! `Generator` and `Session`, thin wrappers over crate::generate and crate::session.
+//! `Generator` and `Session`, thin wrappers over crate::generation::model and crate::generation::session.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use pyo3::IntoPyObjectExt;
 
-use super::params::{generate_params, Options};
+use super::params::generate_params;
 use super::run::{lock, watched, GenerationResult, Running, TextStream};
-use crate::chat::Message;
-use crate::config::parse_dtype;
+use crate::config::{dtype_name, parse_dtype};
 use crate::error::{Error, Result};
-use crate::generate;
-use crate::session;
-use crate::weights::Quantization;
+use crate::generation::model;
+use crate::generation::params::GenerateParams;
+use crate::generation::session;
+use crate::loading::quantization::Quantization;
+use crate::text::chat::Message;
 
 fn device(name: &str) -> Result<Device> {
     let ordinal = match name {
@@ -37,19 +38,11 @@ fn device(name: &str) -> Result<Device> {
     Ok(Device::new_cuda(ordinal)?)
 }
 
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
-}
-
 /// The generating methods of `Generator` and `Session`: what a call runs on is the model, and
 /// the session whose cache it continues, if any.
 #[pyclass(module = "granite_rs._granite_rs", name = "_Generates", frozen, subclass)]
 pub struct Generates {
-    generator: Arc<generate::Generator>,
+    generator: Arc<model::Generator>,
     home: Option<Arc<Mutex<session::Session>>>,
 }
 
@@ -64,8 +57,8 @@ fn messages(list: &Bound<'_, PyList>) -> PyResult<Vec<Message>> {
 }
 
 impl Generates {
-    fn start(&self, prompt: Vec<u32>, options: &Options) -> Result<Running> {
-        Running::start(&self.generator, self.home.clone(), prompt, options.params.clone())
+    fn start(&self, prompt: Vec<u32>, params: &GenerateParams) -> Result<Running> {
+        Running::start(&self.generator, self.home.clone(), prompt, params.clone())
     }
 
     fn encode(&self, py: Python<'_>, prompt: &str) -> PyResult<Vec<u32>> {
@@ -153,7 +146,7 @@ impl Generates {
 /// A loaded Granite model. Immutable and thread-safe: each call has its own KV cache.
 #[pyclass(module = "granite_rs._granite_rs", extends = Generates, frozen, subclass)]
 pub struct Generator {
-    inner: Arc<generate::Generator>,
+    inner: Arc<model::Generator>,
     device: String,
 }
 
@@ -169,26 +162,11 @@ impl Generator {
         quantize: Option<&str>,
         num_threads: Option<usize>,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let dtype = dtype
-            .map(|d| {
-                parse_dtype(d).ok_or_else(|| {
-                    PyValueError::new_err(format!("dtype must be float32, bfloat16 or float16, got {d:?}"))
-                })
-            })
-            .transpose()?;
-        let quantization = quantize
-            .map(|q| {
-                Quantization::parse(q).ok_or_else(|| {
-                    PyValueError::new_err(format!(
-                        "quantize must be \"none\", \"f16\", \"bf16\", \"q8_0\", \"q4_0\", \"q4_1\", \"q4_k\", \"q5_k\" or \"q6_k\", got {q:?}"
-                    ))
-                })
-            })
-            .transpose()?
-            .unwrap_or_default();
+        let dtype = dtype.map(parse_dtype).transpose()?;
+        let quantization = quantize.map(Quantization::parse).transpose()?.unwrap_or_default();
         let dev = self::device(device)?;
-        let opts = generate::LoadOptions { dtype, quantization, num_threads };
-        let inner = py.detach(|| generate::Generator::load_with(&model_dir, &dev, &opts))?;
+        let opts = model::LoadOptions { dtype, quantization, num_threads };
+        let inner = py.detach(|| model::Generator::load_with(&model_dir, &dev, &opts))?;
         let inner = Arc::new(inner);
         let base = Generates { generator: inner.clone(), home: None };
         Ok(PyClassInitializer::from(base).add_subclass(Self { inner, device: device.to_string() }))
@@ -236,8 +214,9 @@ impl Generator {
         let ids =
             py.detach(|| prompts.iter().map(|p| self.inner.tokenizer().encode(p, true)).collect::<Result<Vec<_>>>())?;
         let cancel = std::sync::atomic::AtomicBool::new(false);
-        let outputs =
-            watched(py, &cancel, || crate::batch::generate_batch(&self.inner, ids, &options.params, Some(&cancel)))?;
+        let outputs = watched(py, &cancel, || {
+            crate::generation::batch::generate_batch(&self.inner, ids, &options, Some(&cancel))
+        })?;
         Ok(outputs.into_iter().map(|o| o.text).collect())
     }
 
@@ -290,7 +269,37 @@ impl Generator {
     /// CPU threads used for compute (process-wide).
     #[getter]
     fn num_threads(&self) -> usize {
-        generate::num_threads()
+        crate::generation::threads::num_threads()
+    }
+
+    /// What the model's own files say: format, architecture, shape, stored dtype, parameters.
+    #[getter]
+    fn model_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (info, c) = (self.inner.info(), self.inner.config());
+        let d = PyDict::new(py);
+        d.set_item("format", info.format)?;
+        let optional =
+            [("architecture", &info.architecture), ("name", &info.name), ("torch_dtype", &info.stored_dtype)];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                d.set_item(key, v)?;
+            }
+        }
+        if info.format == "HF model directory" {
+            if let Some(t) = &c.model_type {
+                d.set_item("model_type", t)?;
+            }
+        }
+        d.set_item("num_hidden_layers", c.num_hidden_layers)?;
+        d.set_item("hidden_size", c.hidden_size)?;
+        d.set_item("intermediate_size", c.intermediate_size)?;
+        d.set_item("num_attention_heads", c.num_attention_heads)?;
+        d.set_item("num_key_value_heads", c.num_kv_heads())?;
+        d.set_item("parameters", self.inner.model().parameter_count())?;
+        if let Some(n) = info.trained_context_length {
+            d.set_item("trained_context_length", n)?;
+        }
+        Ok(d)
     }
 
     #[getter]
@@ -315,12 +324,12 @@ impl Generator {
 /// common token prefix with what is cached and computes only the rest.
 #[pyclass(module = "granite_rs._granite_rs", extends = Generates, frozen)]
 pub struct Session {
-    generator: Arc<generate::Generator>,
+    generator: Arc<model::Generator>,
     state: Arc<Mutex<session::Session>>,
 }
 
 impl Session {
-    fn create(py: Python<'_>, generator: &Arc<generate::Generator>, session: session::Session) -> PyResult<Py<Self>> {
+    fn create(py: Python<'_>, generator: &Arc<model::Generator>, session: session::Session) -> PyResult<Py<Self>> {
         let state = Arc::new(Mutex::new(session));
         let base = Generates { generator: generator.clone(), home: Some(state.clone()) };
         Py::new(py, PyClassInitializer::from(base).add_subclass(Self { generator: generator.clone(), state }))
@@ -331,8 +340,8 @@ impl Session {
 impl Session {
     /// The token ids in the cache (prompts and generated tokens).
     #[getter]
-    fn cached_tokens(&self) -> Vec<u32> {
-        lock(&self.state).cached_tokens().to_vec()
+    fn cached_ids(&self) -> Vec<u32> {
+        lock(&self.state).cached_ids().to_vec()
     }
 
     /// Forgets the cached tokens.
@@ -352,6 +361,6 @@ impl Session {
     }
 
     fn __repr__(&self) -> String {
-        format!("Session(cached_tokens={})", lock(&self.state).cached_tokens().len())
+        format!("Session(cached_ids=[{} ids])", lock(&self.state).cached_ids().len())
     }
 }

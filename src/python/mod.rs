@@ -32,7 +32,7 @@ impl From<Error> for PyErr {
 /// tokenizer_config.json with the chat template) from a GGUF file.
 #[pyfunction]
 fn convert_gguf(py: Python<'_>, src: std::path::PathBuf, out_dir: std::path::PathBuf) -> PyResult<()> {
-    Ok(py.detach(|| crate::convert::gguf_to_hf(&src, &out_dir))?)
+    Ok(py.detach(|| crate::loading::convert::gguf_to_hf(&src, &out_dir))?)
 }
 
 #[pymodule]
@@ -44,6 +44,16 @@ fn _granite_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<run::TextStream>()?;
     m.add_class::<run::GenerationResult>()?;
     m.add_function(wrap_pyfunction!(convert_gguf, m)?)?;
+    m.add("GENERATION_KEYWORDS", params::keyword_table(m.py())?)?;
+    m.add(
+        "QUANTIZE_NAMES",
+        pyo3::types::PyTuple::new(m.py(), crate::loading::quantization::Quantization::names().collect::<Vec<_>>())?,
+    )?;
+    let dtypes = pyo3::types::PyDict::new(m.py());
+    for (name, canonical) in crate::config::dtype_names() {
+        dtypes.set_item(name, canonical)?;
+    }
+    m.add("DTYPE_NAMES", dtypes)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

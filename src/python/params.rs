@@ -1,17 +1,12 @@
-//! Generation keywords, read once for generate / generate_ids / stream.
+//! Generation keywords, read once for every generating method: each is looked up in
+//! `generation::params::KEYWORDS`, extracted as its kind, and set (and checked) by the core.
 
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use crate::generate::{GenerateParams, Generator};
-
-fn non_negative(name: &str, value: i128) -> PyResult<u64> {
-    u64::try_from(value).map_err(|_| match value < 0 {
-        true => PyValueError::new_err(format!("{name} must not be negative, got {value}")),
-        false => PyValueError::new_err(format!("{name} must be below 2**64, got {value}")),
-    })
-}
+use crate::generation::model::Generator;
+use crate::generation::params::{DefaultValue, GenerateParams, Kind, Value, KEYWORDS};
 
 /// Extracts a keyword's value; a wrong type is a TypeError (a number out of range an
 /// OverflowError, a string with a lone surrogate a ValueError) that names the keyword.
@@ -33,68 +28,53 @@ where
     })
 }
 
-/// `stop` may be one string or a list of them.
-fn stop_strings(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
-    match value.is_instance_of::<PyString>() {
-        true => Ok(vec![get("stop", value)?]),
-        false => get("stop", value),
+/// A keyword's value as its kind says; None only where the keyword takes it.
+fn extract(key: &str, kind: Kind, nullable: bool, value: &Bound<'_, PyAny>) -> PyResult<Value> {
+    if nullable && value.is_none() {
+        return Ok(Value::None);
     }
-}
-
-/// The keywords of one call: generation parameters, and whether to return details.
-pub struct Options {
-    pub params: GenerateParams,
-    pub details: bool,
+    Ok(match kind {
+        Kind::Count => Value::Int(get::<i64>(key, value)?.into()),
+        Kind::Int => Value::Int(get(key, value)?),
+        Kind::Float => Value::Float(get(key, value)?),
+        Kind::Bool => Value::Bool(get(key, value)?),
+        // One string or a list of them.
+        Kind::Strs if value.is_instance_of::<PyString>() => Value::Strs(vec![get(key, value)?]),
+        Kind::Strs => Value::Strs(get(key, value)?),
+        Kind::Ints => Value::Ints(get(key, value)?),
+    })
 }
 
 /// Keywords as transformers' `generate` names them; unset ones come from generation_config.json.
-pub fn generate_params(generator: &Generator, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Options> {
+/// The values are checked by the core when the generation starts.
+pub fn generate_params(generator: &Generator, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<GenerateParams> {
     let mut p = GenerateParams { sampling: generator.defaults().sampling(), ..Default::default() };
-    let mut details = false;
     for (key, value) in kwargs.into_iter().flat_map(|k| k.iter()) {
         let key: String = key.extract()?;
-        let none = value.is_none();
-        match key.as_str() {
-            "max_new_tokens" if none => {}
-            "max_new_tokens" => {
-                let n: i64 = get(&key, &value)?;
-                if n < 1 {
-                    return Err(PyValueError::new_err(format!("max_new_tokens must be at least 1, got {n}")));
-                }
-                p.max_new_tokens = Some(n as usize);
-            }
-            "do_sample" => p.sampling.do_sample = get(&key, &value)?,
-            "temperature" => p.sampling.temperature = get(&key, &value)?,
-            "top_k" => {
-                let k: Option<i128> = get(&key, &value)?;
-                p.sampling.top_k = k.map(|k| non_negative("top_k", k).map(|k| k as usize)).transpose()?;
-            }
-            "top_p" => p.sampling.top_p = get(&key, &value)?,
-            "repetition_penalty" => p.sampling.repetition_penalty = get(&key, &value)?,
-            "seed" => {
-                p.sampling.seed = get::<Option<i128>>(&key, &value)?.map(|s| non_negative("seed", s)).transpose()?
-            }
-            "stop" if none => p.stop.clear(),
-            "stop" => p.stop = stop_strings(&value)?,
-            "stop_token_ids" => {
-                let ids: Option<Vec<i64>> = get(&key, &value)?;
-                p.stop_token_ids = generator.check_ids(&ids.unwrap_or_default())?;
-            }
-            "ignore_eos" => p.ignore_eos = get(&key, &value)?,
-            "min_p" => p.sampling.min_p = get(&key, &value)?,
-            "presence_penalty" => p.sampling.presence_penalty = get(&key, &value)?,
-            "frequency_penalty" => p.sampling.frequency_penalty = get(&key, &value)?,
-            "details" => details = get(&key, &value)?,
-            "top_logprobs" => {
-                let n: i128 = get(&key, &value)?;
-                p.logprobs = Some(non_negative("top_logprobs", n)? as usize);
-            }
-            other => return Err(PyTypeError::new_err(format!("unexpected keyword argument '{other}'"))),
+        let Some(k) = KEYWORDS.iter().find(|k| k.name == key) else {
+            return Err(PyTypeError::new_err(format!("unexpected keyword argument '{key}'")));
+        };
+        p.set(&key, extract(&key, k.kind, k.nullable, &value)?)?;
+    }
+    Ok(p)
+}
+
+/// `KEYWORDS` for Python: a tuple of dicts with name, type, default, range and doc.
+pub fn keyword_table(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyTuple>> {
+    let rows = KEYWORDS.iter().map(|k| -> PyResult<Bound<'_, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("name", k.name)?;
+        d.set_item("type", k.kind.name())?;
+        match k.default {
+            DefaultValue::None => d.set_item("default", py.None())?,
+            DefaultValue::Int(n) => d.set_item("default", n)?,
+            DefaultValue::Float(f) => d.set_item("default", f)?,
+            DefaultValue::Bool(b) => d.set_item("default", b)?,
         }
-    }
-    if details {
-        p.logprobs.get_or_insert(0);
-    }
-    p.sampling.validate()?;
-    Ok(Options { params: p, details })
+        d.set_item("nullable", k.nullable)?;
+        d.set_item("range", k.range)?;
+        d.set_item("doc", k.doc)?;
+        Ok(d)
+    });
+    pyo3::types::PyTuple::new(py, rows.collect::<PyResult<Vec<_>>>()?)
 }

@@ -10,9 +10,11 @@ use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, GenerateParams, Generator};
-use crate::generation::Generation;
-use crate::session::Session;
+use crate::generation::model::Generator;
+use crate::generation::params::GenerateParams;
+use crate::generation::sequence::Sequence;
+use crate::generation::session::Session;
+use crate::generation::stopping::FinishReason;
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -20,7 +22,7 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A generation, and the session whose cache it borrows, if any.
 pub struct Running {
-    generation: Option<Generation>,
+    generation: Option<Sequence>,
     home: Option<Arc<Mutex<Session>>>,
     /// The new tokens and finish reason of a generation already handed back to its session.
     returned: (Vec<u32>, Option<FinishReason>),
@@ -35,22 +37,22 @@ impl Running {
     ) -> Result<Self> {
         let generation = match &home {
             Some(session) => lock(session).start(prompt, params)?,
-            None => Generation::new(generator.clone(), prompt, params)?,
+            None => Sequence::new(generator.clone(), prompt, params)?,
         };
         Ok(Self { generation: Some(generation), home, returned: (Vec::new(), None) })
     }
 
-    pub fn generation(&mut self) -> &mut Generation {
+    pub fn generation(&mut self) -> &mut Sequence {
         self.generation.as_mut().expect("a Running holds its generation until dropped")
     }
 
-    pub fn get(&self) -> &Generation {
+    pub fn get(&self) -> &Sequence {
         self.generation.as_ref().expect("a Running holds its generation until dropped")
     }
 
     /// The next chunk; None once finished, or once handed back.
     fn next_chunk(&mut self) -> Result<Option<String>> {
-        self.generation.as_mut().map_or(Ok(None), Generation::next_chunk)
+        self.generation.as_mut().map_or(Ok(None), Sequence::next_chunk)
     }
 
     /// Hands a session's cache back now, so that a finished stream does not keep it busy.
@@ -63,11 +65,11 @@ impl Running {
     }
 
     fn new_tokens(&self) -> &[u32] {
-        self.generation.as_ref().map_or(&self.returned.0, Generation::new_tokens)
+        self.generation.as_ref().map_or(&self.returned.0, Sequence::new_tokens)
     }
 
     fn finish_reason(&self) -> Option<FinishReason> {
-        self.generation.as_ref().map_or(self.returned.1, Generation::finish_reason)
+        self.generation.as_ref().map_or(self.returned.1, Sequence::finish_reason)
     }
 }
 
@@ -183,7 +185,7 @@ pub struct GenerationResult {
 }
 
 impl GenerationResult {
-    pub fn new(g: &Generation, text: String, token_ids: Vec<u32>) -> Self {
+    pub fn new(g: &Sequence, text: String, token_ids: Vec<u32>) -> Self {
         let t = g.timings();
         let decode_s = t.decode_time.as_secs_f64();
         let decoded = token_ids.len().saturating_sub(1);

@@ -1,0 +1,207 @@
+//! A loaded model directory (`Generator`) and the parameters of one generation.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::GraniteConfig;
+use crate::error::{Error, Result};
+use crate::generation::defaults::GenerationDefaults;
+use crate::generation::sampling::check_finite;
+use crate::generation::threads::pin_thread_count;
+use crate::loading::gguf::Gguf;
+use crate::loading::quantization::Quantization;
+use crate::loading::safetensors::Weights;
+use crate::model::granite::{Granite, Logits};
+use crate::text::chat::ChatTemplate;
+use crate::text::tokenizer::Tokenizer;
+
+/// What a model's own files say about it, for people (`granite-rs info`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelInfo {
+    /// "HF model directory" or "GGUF file".
+    pub format: &'static str,
+    pub architecture: Option<String>,
+    pub name: Option<String>,
+    /// config.json's torch_dtype, or llama.cpp's name of a GGUF's file type ("Q4_1").
+    pub stored_dtype: Option<String>,
+    /// The context length the model was trained for, where the file says it apart from config.
+    pub trained_context_length: Option<usize>,
+}
+
+/// A loaded model with its tokenizer; shared, immutable, safe to use from many threads.
+pub struct Generator {
+    model: Granite,
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    defaults: GenerationDefaults,
+    chat_template: Option<ChatTemplate>,
+    /// From config.json and generation_config.json together.
+    eos_token_ids: Vec<u32>,
+}
+
+/// How a model is loaded, beyond its path and device.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Compute dtype; None: float32 on the CPU, bfloat16 on a GPU.
+    pub dtype: Option<DType>,
+    pub quantization: Quantization,
+    /// CPU threads; None: one per physical core. Process-wide, fixed by the first load.
+    pub num_threads: Option<usize>,
+}
+
+impl Generator {
+    /// Loads an HF model directory (config.json, generation_config.json (optional),
+    /// tokenizer.json, model.safetensors or its shards) or a `.gguf` file. `dtype` None: float32
+    /// on the CPU, bfloat16 on a GPU.
+    pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+        Self::load_with(path, device, &LoadOptions { dtype, ..Default::default() })
+    }
+
+    /// `load`, with quantization and the thread count.
+    pub fn load_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
+        pin_thread_count(opts.num_threads)?;
+        // bfloat16 on a GPU (its tensor cores), float32 on the CPU (our kernels compute in f32).
+        let dtype = opts.dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            return Self::load_gguf(path, device, dtype, opts.quantization);
+        }
+        if !path.is_dir() {
+            return Err(Error::NotFound { what: "model directory or .gguf file", path: path.into() });
+        }
+        let config = GraniteConfig::from_file(&path.join("config.json"))?;
+        let defaults = GenerationDefaults::from_dir(path)?;
+        let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+        let chat_template = ChatTemplate::from_dir(path)?;
+        let weights = Weights::from_dir(path, dtype, device)?.with_quantization(opts.quantization);
+        let info = ModelInfo {
+            format: "HF model directory",
+            architecture: config.architectures.first().cloned().or_else(|| config.model_type.clone()),
+            name: None,
+            stored_dtype: config.dtype.clone().or_else(|| config.torch_dtype.clone()),
+            trained_context_length: None,
+        };
+        Self::assemble(config, weights, tokenizer, defaults, chat_template, info, dtype, device)
+    }
+
+    /// A GGUF file: config, tokenizer and chat template from its metadata.
+    fn load_gguf(path: &Path, device: &Device, dtype: DType, quantization: Quantization) -> Result<Self> {
+        let gguf = Gguf::open(path)?;
+        let config = gguf.config()?;
+        let tokenizer = crate::text::gguf_tokenizer::tokenizer_from_gguf(gguf.content())?;
+        let chat_template = gguf.chat_template()?;
+        let weights = Weights::from_tensors(gguf.weights(&config)?, dtype, device).with_quantization(quantization);
+        let (name, stored_dtype) = gguf.describe();
+        let info = ModelInfo {
+            format: "GGUF file",
+            architecture: config.model_type.clone(),
+            name,
+            stored_dtype,
+            trained_context_length: Some(config.max_position_embeddings),
+        };
+        let defaults = GenerationDefaults::default();
+        Self::assemble(config, weights, tokenizer, defaults, chat_template, info, dtype, device)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: GraniteConfig,
+        weights: Weights,
+        tokenizer: Tokenizer,
+        defaults: GenerationDefaults,
+        chat_template: Option<ChatTemplate>,
+        info: ModelInfo,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let model = Granite::load(&config, &weights, dtype, device)?;
+        let mut eos_token_ids = config.eos_token_ids();
+        for id in defaults.eos_token_id.iter().flat_map(|e| e.to_vec()) {
+            if !eos_token_ids.contains(&id) {
+                eos_token_ids.push(id);
+            }
+        }
+        Ok(Self { model, info, tokenizer: Arc::new(tokenizer), defaults, chat_template, eos_token_ids })
+    }
+
+    pub fn model(&self) -> &Granite {
+        &self.model
+    }
+
+    pub fn config(&self) -> &GraniteConfig {
+        self.model.config()
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// From chat_template.jinja or tokenizer_config.json, if the directory has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    pub(crate) fn shared_tokenizer(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone()
+    }
+
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    pub fn defaults(&self) -> &GenerationDefaults {
+        &self.defaults
+    }
+
+    /// Checks a prompt before any work: not empty, in the vocabulary, fits the context.
+    pub(crate) fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
+        if prompt.is_empty() {
+            return Err(Error::invalid("the prompt is empty: it must have at least one token"));
+        }
+        let vocab = self.config().vocab_size;
+        if let Some(id) = prompt.iter().find(|id| **id as usize >= vocab) {
+            return Err(Error::invalid(format!(
+                "token id {id} is out of range for vocab_size {vocab} (does tokenizer.json belong to this model?)"
+            )));
+        }
+        let limit = self.context_length();
+        if prompt.len() >= limit {
+            return Err(Error::ContextOverflow { prompt: prompt.len(), limit });
+        }
+        Ok(())
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.config().context_length()
+    }
+
+    /// Checks token ids from a caller against the vocabulary.
+    pub fn check_ids(&self, ids: &[i64]) -> Result<Vec<u32>> {
+        let vocab = self.config().vocab_size;
+        ids.iter()
+            .map(|&id| match u32::try_from(id) {
+                Ok(id) if (id as usize) < vocab => Ok(id),
+                _ => Err(Error::invalid(format!("token id {id} is out of range for vocab_size {vocab}"))),
+            })
+            .collect()
+    }
+
+    /// f32 logits (len, vocab) of one uncached forward over `ids`; NaN or inf is an error.
+    pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::invalid("ids is empty"));
+        }
+        if ids.len() > self.context_length() {
+            return Err(Error::ContextOverflow { prompt: ids.len(), limit: self.context_length() });
+        }
+        let input = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
+        let logits = self.model.forward(&input, None, Logits::All)?.squeeze(0)?;
+        check_finite(&logits.flatten_all()?.to_vec1()?, self.model.dtype())?;
+        Ok(logits)
+    }
+}

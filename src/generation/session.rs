@@ -1,0 +1,71 @@
+//! A conversation's KV cache kept between calls: each call reuses the longest common token
+//! prefix and computes only the rest, as passing `past_key_values` back to transformers does.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::generation::model::Generator;
+use crate::generation::params::GenerateParams;
+use crate::generation::sequence::Sequence;
+use crate::model::kv_cache::KvCache;
+
+pub struct Session {
+    generator: Arc<Generator>,
+    /// None while a generation has it.
+    cache: Option<KvCache>,
+    /// The tokens in the cache, prompt and generated.
+    cached: Vec<u32>,
+}
+
+impl Session {
+    pub fn new(generator: Arc<Generator>) -> Result<Self> {
+        let cache = generator.model().new_cache(1, 0)?;
+        Ok(Self { generator, cache: Some(cache), cached: Vec::new() })
+    }
+
+    /// Starts a generation on the session's cache; hand it back with `finish`. Bad arguments
+    /// leave the session as it was.
+    pub fn start(&mut self, prompt: Vec<u32>, params: GenerateParams) -> Result<Sequence> {
+        Sequence::check(&self.generator, &prompt, &params)?;
+        let cache = self.cache.take().ok_or_else(Self::busy)?;
+        let cached = std::mem::take(&mut self.cached);
+        Sequence::resume(self.generator.clone(), cache, &cached, prompt, params)
+    }
+
+    /// Takes the cache back from a generation that `start` began, finished or not.
+    pub fn finish(&mut self, generation: Sequence) {
+        let (cache, tokens) = generation.into_cache();
+        self.cache = Some(cache);
+        self.cached = tokens;
+    }
+
+    fn busy() -> Error {
+        Error::invalid("the session is busy with another generation; wait for it or fork() the session")
+    }
+
+    pub fn cached_ids(&self) -> &[u32] {
+        &self.cached
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.cache.is_none()
+    }
+
+    /// Forgets everything; the cache's memory stays for reuse.
+    pub fn reset(&mut self) -> Result<()> {
+        self.truncate(0)
+    }
+
+    /// Keeps only the first `n` cached tokens.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        self.cache.as_mut().ok_or_else(Self::busy)?.truncate(n);
+        self.cached.truncate(n);
+        Ok(())
+    }
+
+    /// An independent copy: same cached tokens, no shared storage.
+    pub fn fork(&self) -> Result<Self> {
+        let cache = self.cache.as_ref().ok_or_else(Self::busy)?.try_clone()?;
+        Ok(Self { generator: self.generator.clone(), cache: Some(cache), cached: self.cached.clone() })
+    }
+}

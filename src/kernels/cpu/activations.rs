@@ -1,0 +1,54 @@
+//! Activations rounded to 16-bit integers for the integer block products.
+
+use super::formats::GROUP;
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+
+/// Activation rows as 16-bit integers with one f32 scale per group of 32: x ≈ scale q, off by at
+/// most half a step, 2^-16 of the group's largest magnitude. A group holding NaN or infinity
+/// gets a NaN scale, so that the products it enters are NaN, not silently finite.
+pub(crate) struct Activations {
+    pub(crate) q: Vec<i16>,
+    pub(crate) scale: Vec<f32>,
+    /// Σx of each group, for Q4_1's offsets.
+    pub(crate) sum: Vec<f32>,
+    /// CENTER Σq of each group, for Q4_0's centre.
+    pub(crate) center: Vec<i32>,
+}
+
+impl Activations {
+    pub(crate) fn new(x: &[f32], center: i32) -> Self {
+        let groups = x.len() / GROUP;
+        let mut a = Activations {
+            q: vec![0; x.len()],
+            scale: vec![0.0; groups],
+            sum: vec![0.0; groups],
+            center: vec![0; groups],
+        };
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() {
+            // SAFETY: the features are present.
+            unsafe { x86::quantize(&mut a, x, center) };
+            return a;
+        }
+        a.quantize(x, center);
+        a
+    }
+
+    /// Written for the compiler to vectorize; `x86::quantize` compiles it with AVX2.
+    #[inline(always)]
+    pub(crate) fn quantize(&mut self, x: &[f32], center: i32) {
+        let a = self;
+        for (g, (xs, qs)) in x.chunks_exact(GROUP).zip(a.q.chunks_exact_mut(GROUP)).enumerate() {
+            let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let sum: f32 = xs.iter().sum();
+            let inv = if max > 0.0 { 32767.0 / max } else { 0.0 };
+            for (q, v) in qs.iter_mut().zip(xs) {
+                *q = (v * inv).round_ties_even() as i16;
+            }
+            a.scale[g] = if max.is_finite() && sum.is_finite() { max / 32767.0 } else { f32::NAN };
+            a.sum[g] = sum;
+            a.center[g] = center * qs.iter().map(|q| *q as i32).sum::<i32>();
+        }
+    }
+}

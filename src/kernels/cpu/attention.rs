@@ -1,0 +1,159 @@
+//! Attention of one query per (row, head) over a KV cache.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, WithDType};
+
+use super::softmax::causal_softmax_row;
+use super::{for_chunks, vectorized};
+use crate::kernels::dtype::{by_dtype, Float};
+pub(crate) use crate::kernels::shapes::DecodeAttention;
+
+/// a · b with eight independent sums, so that the compiler vectorizes it.
+#[inline(always)]
+fn dot<T: Float>(a: &[f32], b: &[T]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y.f32()).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += xa[i] * xb[i].f32();
+        }
+    }
+    sum8(acc) + tail
+}
+
+/// The sum of 8 lanes as a tree, which the compiler keeps in vector registers.
+#[inline(always)]
+fn sum8(a: [f32; 8]) -> f32 {
+    let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (b[0] + b[2]) + (b[1] + b[3])
+}
+
+/// `attend` for a head size known when compiling: the sums stay in registers, four chains of
+/// them for q · k so that consecutive multiply-adds do not wait on each other.
+#[inline(always)]
+fn attend_sized<T: Float, const D: usize>(
+    q: &[f32],
+    (k, k_step): (&[T], usize),
+    (v, v_step): (&[T], usize),
+    scores: &mut [f32],
+    out: &mut [T],
+) {
+    let q: &[f32; D] = q.try_into().expect("head size");
+    for (p, s) in scores.iter_mut().enumerate() {
+        let row: &[T; D] = k[p * k_step..p * k_step + D].try_into().expect("head size");
+        let mut acc = [[0f32; 8]; 4];
+        for c in 0..D / 8 {
+            for i in 0..8 {
+                acc[c % 4][i] += q[8 * c + i] * row[8 * c + i].f32();
+            }
+        }
+        *s = sum8(std::array::from_fn(|i| (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i])));
+    }
+    causal_softmax_row(scores, scores.len());
+    let mut acc = [0f32; D];
+    for (p, s) in scores.iter().enumerate() {
+        let row: &[T; D] = v[p * v_step..p * v_step + D].try_into().expect("head size");
+        for (a, x) in acc.iter_mut().zip(row) {
+            *a += s * x.f32();
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = T::of(a);
+    }
+}
+
+vectorized! {
+    /// One query over the keys and values at rows 0, step, 2 step, ... of `k` and `v` (one per
+    /// score): out = softmax(q · k_p) · v_p.
+    #[allow(clippy::too_many_arguments)]
+    fn attend<T: Float>(
+        q: &[f32],
+        k: &[T],
+        k_step: usize,
+        v: &[T],
+        v_step: usize,
+        scores: &mut [f32],
+        acc: &mut [f32],
+        out: &mut [T],
+    ) {
+        let d = q.len();
+        match d {
+            64 => return attend_sized::<T, 64>(q, (k, k_step), (v, v_step), scores, out),
+            128 => return attend_sized::<T, 128>(q, (k, k_step), (v, v_step), scores, out),
+            _ => {}
+        }
+        for (p, s) in scores.iter_mut().enumerate() {
+            *s = dot(q, &k[p * k_step..p * k_step + d]);
+        }
+        causal_softmax_row(scores, scores.len());
+        acc.fill(0.0);
+        for (p, s) in scores.iter().enumerate() {
+            for (a, x) in acc.iter_mut().zip(&v[p * v_step..p * v_step + d]) {
+                *a += s * x.f32();
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc.iter()) {
+            *o = T::of(*a);
+        }
+    }
+}
+
+impl DecodeAttention {
+    #[allow(clippy::too_many_arguments)]
+    fn cpu<T: Float>(&self, q: &[T], ql: &Layout, k: &[T], kl: &Layout, v: &[T], vl: &Layout) -> Result<Vec<T>> {
+        let (b, nh, _, d) = ql.shape().dims4()?;
+        let (_, nkv, _, _) = kl.shape().dims4()?;
+        let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
+        let (len, rep) = (self.len, nh / nkv);
+        let mut out = vec![T::of(0.0); b * nh * d];
+        let work = b * nh * len * d * 2;
+        let init = || (vec![0f32; d], vec![0f32; len], vec![0f32; d]);
+        for_chunks(&mut out, d, work, init, |(qf, scores, acc), bh, out| {
+            let (bi, hi) = (bh / nh, bh % nh);
+            let qo = ql.start_offset() + bi * qs[0] + hi * qs[1];
+            for (f, x) in qf.iter_mut().zip(&q[qo..qo + d]) {
+                *f = x.f32() * self.scale;
+            }
+            let ko = kl.start_offset() + bi * ks[0] + (hi / rep) * ks[1];
+            let vo = vl.start_offset() + bi * vs[0] + (hi / rep) * vs[1];
+            attend(qf, &k[ko..], ks[2], &v[vo..], vs[2], scores, acc, out);
+        });
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "granite-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(q.dtype(), self.name(), |T| {
+            let (q, k, v) = (T::cpu_storage_as_slice(q)?, T::cpu_storage_as_slice(k)?, T::cpu_storage_as_slice(v)?);
+            T::to_cpu_storage_owned(self.cpu::<T>(q, ql, k, kl, v, vl)?)
+        });
+        Ok((out, ql.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::kernels::cuda::decode_attention(self, q, ql, k, kl, v, vl)?, ql.shape().clone()))
+    }
+}

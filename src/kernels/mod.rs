@@ -1,0 +1,152 @@
+//! The op API: fused decoder ops as candle ops. RMSNorm with the residual add, RoPE with the
+//! KV-cache write, single-query attention over the cache, a causal softmax, SwiGLU. Each runs on
+//! the CPU (f32, f16, bf16; computed in f32, rows in parallel when there is enough work; `cpu/`)
+//! and, with the `cuda` feature, as one of our kernels (`cuda/`). `cpu/` also holds the weight
+//! formats and the matrix products (`gemv`, `gemm`) that `model::linear` runs projections on.
+//!
+//! Kernels are leaves: nothing here imports model, generation or Python code.
+//!
+//! Greedy sampling on the GPU needs no op of ours: candle's `argmax` runs on the device
+//! (`logits.argmax(D::Minus1)?.to_vec1::<u32>()` copies one u32 per row to the host).
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod dtype;
+mod shapes;
+
+use candle_core::{bail, Result, Tensor, D};
+
+use cpu::attention::DecodeAttention;
+use cpu::norm::RmsNorm;
+use cpu::rope::{CacheWrite, Rope};
+use cpu::softmax::CausalSoftmax;
+use cpu::swiglu::Swiglu;
+
+/// new_residual = residual + scale * branch; normed = rmsnorm(new_residual) * weight.
+/// residual and branch (..., hidden), contiguous; weight (hidden,). Both results have residual's
+/// shape (views of one buffer); new_residual is rounded to the dtype before it is normalized.
+pub fn add_rms_norm(
+    residual: &Tensor,
+    branch: &Tensor,
+    scale: f64,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    if residual.shape() != branch.shape() {
+        bail!("add_rms_norm: residual {:?} and branch {:?} differ", residual.shape(), branch.shape());
+    }
+    check_norm(residual, weight)?;
+    let both = residual.apply_op3_no_bwd(branch, weight, &RmsNorm { eps: eps as f32, scale: Some(scale as f32) })?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// rmsnorm(x) * weight over the last dim; x contiguous, weight (hidden,).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    check_norm(x, weight)?;
+    x.apply_op2_no_bwd(weight, &RmsNorm { eps: eps as f32, scale: None })
+}
+
+/// Rotate-half RoPE on q and k (as `candle_nn::rotary_emb::rope`), the rotated k and v written into
+/// the caches at positions pos..pos + t. Returns the rotated q, (b, n_heads, t, head_dim) contiguous.
+///
+/// q (b, n_heads, t, head_dim), k and v (b, n_kv, t, head_dim): any strides with the last one 1,
+/// so views of the qkv projection need no copy. cos, sin: (t_cs, head_dim / 2) or per row
+/// (b, t_cs, head_dim / 2), t_cs >= t (the first t rows are used), contiguous. Caches
+/// (b, n_kv, capacity, head_dim), contiguous, pos + t <= capacity. All of one dtype and device.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_write_kv(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    pos: usize,
+) -> Result<Tensor> {
+    let (b, _, t, d) = q.dims4()?;
+    let bad_q = q.stride()[3] != 1 || d % 2 != 0;
+    if bad_q || k.dims4()? != v.dims4()? || k.dim(0)? != b || k.dim(2)? != t || k.dim(3)? != d {
+        bail!("rope_write_kv: q {:?}, k {:?}, v {:?} do not match", q.shape(), k.shape(), v.shape());
+    }
+    check_tables(cos, sin, b, t, d)?;
+    check_cache(k_cache, k, pos)?;
+    check_cache(v_cache, v, pos)?;
+    k_cache.inplace_op2(k, &CacheWrite { tables: Some((cos, sin)), pos })?;
+    v_cache.inplace_op2(v, &CacheWrite { tables: None, pos })?;
+    q.apply_op3_no_bwd(cos, sin, &Rope)
+}
+
+/// Attention of one query per (row, head) over the first `len` cached positions, GQA (n_heads a
+/// multiple of n_kv), softmax(scale q k^T) v in f32 without a mask. q (b, n_heads, 1, head_dim),
+/// caches (b, n_kv, capacity, head_dim), each with any strides but the last 1; head_dim <= 256.
+/// Returns (b, n_heads, 1, head_dim) contiguous, so `.reshape((b, 1, n_heads * head_dim))` is free.
+pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, scale: f64) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (kb, nkv, cap, kd) = k_cache.dims4()?;
+    if t != 1 || kb != b || kd != d || v_cache.dims4()? != (kb, nkv, cap, kd) || nkv == 0 || nh % nkv != 0 {
+        bail!("decode_attention: q {:?}, caches {:?} {:?}", q.shape(), k_cache.shape(), v_cache.shape());
+    }
+    if len == 0 || len > cap || d > 256 {
+        bail!("decode_attention: len {len} of capacity {cap}, head_dim {d} (at most 256)");
+    }
+    for (name, x) in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] {
+        if x.stride()[3] != 1 {
+            bail!("decode_attention: {name} needs a last stride of 1");
+        }
+    }
+    q.apply_op3_no_bwd(k_cache, v_cache, &DecodeAttention { len, scale: scale as f32 })
+}
+
+/// Causal softmax over the last dim of `scores` (..., rows, start + t), contiguous, on the CPU, in
+/// place: row r holds the scores of query r % t (query heads stacked along the rows), which sees
+/// the first start + r % t + 1 keys; the keys after those get probability 0.
+pub fn causal_softmax_(scores: &Tensor, start: usize, t: usize) -> Result<()> {
+    let dims = scores.dims();
+    let (rows, len) = match dims {
+        [.., rows, len] => (*rows, *len),
+        _ => bail!("causal_softmax_: scores {:?}", scores.shape()),
+    };
+    if t == 0 || len != start + t || rows % t != 0 || !scores.is_contiguous() || !scores.device().is_cpu() {
+        bail!("causal_softmax_: scores {:?} for {t} queries after {start} keys", scores.layout());
+    }
+    scores.inplace_op1(&CausalSoftmax { start, t })
+}
+
+/// silu(gate) * up for gate_up (..., 2 * n), gate the first half; contiguous.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    if gate_up.dim(D::Minus1)? % 2 != 0 {
+        bail!("swiglu: odd last dim in {:?}", gate_up.shape());
+    }
+    gate_up.apply_op1_no_bwd(&Swiglu)
+}
+
+fn check_norm(x: &Tensor, weight: &Tensor) -> Result<()> {
+    if weight.dims() != [x.dim(D::Minus1)?] {
+        bail!("rms_norm: weight {:?} for input {:?}", weight.shape(), x.shape());
+    }
+    Ok(())
+}
+
+fn check_tables(cos: &Tensor, sin: &Tensor, b: usize, t: usize, d: usize) -> Result<()> {
+    let ok = match *cos.dims() {
+        [t_cs, half] => t_cs >= t && half * 2 == d,
+        [cb, t_cs, half] => cb == b && t_cs >= t && half * 2 == d,
+        _ => false,
+    };
+    if !ok || cos.shape() != sin.shape() || !cos.is_contiguous() || !sin.is_contiguous() {
+        bail!("rope: cos {:?} and sin {:?} for b {b}, t {t}, head_dim {d}", cos.shape(), sin.shape());
+    }
+    Ok(())
+}
+
+/// Whether x (b, h, t, d) can be written into `cache` (b, h, cap, d) at `pos`.
+fn check_cache(cache: &Tensor, x: &Tensor, pos: usize) -> Result<()> {
+    let (b, h, t, d) = x.dims4()?;
+    let (cb, ch, cap, cd) = cache.dims4()?;
+    if (cb, ch, cd) != (b, h, d) || pos + t > cap || !cache.is_contiguous() || x.stride()[3] != 1 || d % 2 != 0 {
+        bail!("rope_write_kv: cannot write {:?} into cache {:?} at {pos}", x.layout(), cache.shape());
+    }
+    Ok(())
+}

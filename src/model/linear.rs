@@ -1,0 +1,151 @@
+//! Projections `x · wᵀ + b` over dense, GGUF-quantized or memory-mapped weights. Decode (a few
+//! rows) goes through `gemv`, which streams the weights once; longer inputs through `gemm`
+//! (stored formats), candle's matmul (dense weights) or candle's quantized matmul (the k-quants).
+
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{DType, Module, Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::kernels::cpu::{self, Part};
+use crate::loading::safetensors::Weights;
+use crate::loading::weight::Weight;
+
+/// Quantized types whose weights enter at their exact values: in `gemv` (which rounds the
+/// activations to 16 bits for the block types), or dequantized for a matmul.
+const EXACT: [GgmlDType; 6] =
+    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F16, GgmlDType::BF16, GgmlDType::F32];
+
+/// Other quantized types whose prompts also run as gemm on decoded tiles: candle's quantized
+/// matmul has no fast path for these (Granite-shaped Q5_K_M, 512-token prompt: 112 -> 198
+/// tokens/s), where for Q4_K and Q6_K it beats the tiles (371 against 214).
+const TILED: [GgmlDType; 3] = [GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q5K];
+
+/// Up to this many activation rows use `gemv`; more use a matmul.
+const GEMV_MAX_ROWS: usize = 8;
+
+/// Runs `f` on the rows of every weight, with the rows of `held` first, when `gemv` reads them all.
+fn with_all_rows<R>(weights: &[Weight], held: Vec<Part<'_>>, f: impl FnOnce(&[Part]) -> R) -> Option<R> {
+    let Some((w, rest)) = weights.split_first() else { return Some(f(&held)) };
+    let n = w.dims2().ok()?.0;
+    w.with_rows(move |rows| {
+        let mut held: Vec<Part> = held;
+        held.push((rows, n));
+        with_all_rows(rest, held, f)
+    })
+    .flatten()
+}
+
+/// `x · wᵀ + b` for one or more weights stacked along the output (fused q/k/v or gate/up).
+#[derive(Clone)]
+pub struct Linear {
+    /// Stacked along the output dimension; several only where they cannot share one storage
+    /// (different types, or mapped matrices that are apart in their file).
+    parts: Vec<Weight>,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
+        Self { parts: vec![weight], bias }
+    }
+
+    /// The layer `{prefix}.weight` (out, in) and, when `bias`, `{prefix}.bias` (out,).
+    pub fn load(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.matrix(&format!("{prefix}.weight"), [out_dim, in_dim])?;
+        let bias = bias.then(|| w.get(&format!("{prefix}.bias"), &[out_dim])).transpose()?;
+        Ok(Self::new(weight, bias))
+    }
+
+    /// Several HF projections that read the same input, (prefix, out_dim) each, stacked into one.
+    pub fn load_stacked(w: &Weights, prefixes: &[(&str, usize)], in_dim: usize, bias: bool) -> Result<Self> {
+        let parts = prefixes.iter().map(|(p, out)| Self::load(w, p, *out, in_dim, bias)).collect::<Result<Vec<_>>>()?;
+        Self::stack(parts)
+    }
+
+    /// One projection whose output is the concatenation of several: neighbours that can share
+    /// one storage are merged into one matrix.
+    pub fn stack(parts: Vec<Linear>) -> Result<Self> {
+        let biases: Option<Vec<Tensor>> = parts.iter().map(|l| l.bias.clone()).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        let mut merged: Vec<Weight> = Vec::new();
+        for w in parts.into_iter().flat_map(|l| l.parts) {
+            match merged.last().map(|last| last.join(&w)).transpose()?.flatten() {
+                Some(joined) => *merged.last_mut().expect("joined to it") = joined,
+                None => merged.push(w),
+            }
+        }
+        Ok(Self { parts: merged, bias })
+    }
+
+    pub fn weights(&self) -> &[Weight] {
+        &self.parts
+    }
+
+    /// Elements of the bias, if any.
+    pub fn bias_len(&self) -> usize {
+        self.bias.as_ref().map_or(0, Tensor::elem_count)
+    }
+
+    /// x: (..., in) -> (..., out), in x's dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = project(&self.parts, x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// x (..., k) times the weights stacked along the output, each (n_i, k): (..., Σn_i).
+fn project(parts: &[Weight], x: &Tensor) -> Result<Tensor> {
+    let mut out_dims = x.dims().to_vec();
+    let last = out_dims.pop().ok_or_else(|| Error::invalid("a projection needs at least one dimension"))?;
+    let mut n = 0;
+    for w in parts {
+        let (rows, k) = w.dims2()?;
+        if last != k {
+            return Err(Error::invalid(format!("projection input has {last} features, the weight takes {k}")));
+        }
+        n += rows;
+    }
+    let k = last;
+    out_dims.push(n);
+    let m = x.elem_count() / k.max(1);
+    // Ours: gemv for a few rows (not the k-quants); for more, gemm on decoded tiles of stored
+    // formats (dense weights go straight to candle's matmul, most k-quants to candle's).
+    let few = m <= GEMV_MAX_ROWS;
+    let gemv_reads = parts.iter().all(|w| w.stored_type().is_none_or(|t| EXACT.contains(&t)));
+    let tiled = parts.iter().all(|w| w.stored_type().is_some_and(|t| EXACT.contains(&t) || TILED.contains(&t)));
+    if x.device().is_cpu() && k.is_multiple_of(cpu::GROUP) && if few { gemv_reads } else { tiled } {
+        let y = with_all_rows(parts, Vec::new(), |rows| -> Result<Tensor> {
+            let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = vec![0f32; m * n];
+            let product = if few { cpu::gemv } else { cpu::gemm };
+            product(rows, k, &xs, &mut out).map_err(Error::invalid)?;
+            Ok(Tensor::from_vec(out, out_dims.clone(), x.device())?.to_dtype(x.dtype())?)
+        });
+        if let Some(y) = y {
+            return y;
+        }
+    }
+    let x2 = x.contiguous()?.reshape((m, k))?;
+    let ys = parts
+        .iter()
+        .map(|w| -> Result<Tensor> {
+            Ok(match w {
+                Weight::Dense(t) => x2.matmul(&t.t()?)?,
+                // candle's quantized matmul, for the k-quants (it quantizes x).
+                Weight::Quantized(q) if !EXACT.contains(&q.dtype()) => {
+                    QMatMul::QTensor(q.clone()).forward(&x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+                }
+                // The weights as their f32 values.
+                _ => x2.matmul(&w.dequantize(x.dtype())?.t()?)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let y = match &ys[..] {
+        [y] => y.clone(),
+        ys => Tensor::cat(ys, D::Minus1)?,
+    };
+    Ok(y.reshape(out_dims)?)
+}

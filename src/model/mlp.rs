@@ -1,0 +1,51 @@
+//! The gated MLP: act(gate) * up, then down.
+
+use candle_core::{Tensor, D};
+
+use crate::config::{Activation, GraniteConfig};
+use crate::error::Result;
+use crate::kernels;
+use crate::loading::safetensors::Weights;
+use crate::model::linear::Linear;
+
+pub(crate) struct Mlp {
+    /// gate_proj and up_proj stacked: 2 * intermediate_size rows.
+    pub(crate) gate_up_proj: Linear,
+    pub(crate) down_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    pub(crate) fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
+        let (gate, up) = (format!("{prefix}.gate_proj"), format!("{prefix}.up_proj"));
+        let parts = [(gate.as_str(), cfg.intermediate_size), (up.as_str(), cfg.intermediate_size)];
+        Ok(Self {
+            gate_up_proj: Linear::load_stacked(w, &parts, cfg.hidden_size, cfg.mlp_bias)?,
+            down_proj: Linear::load(
+                w,
+                &format!("{prefix}.down_proj"),
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.mlp_bias,
+            )?,
+            act: cfg.activation()?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate_up = self.gate_up_proj.forward(x)?; // (b, t, 2 intermediate)
+        let hidden = match self.act {
+            Activation::Silu => kernels::swiglu(&gate_up)?,
+            act => {
+                let halves = gate_up.chunk(2, D::Minus1)?;
+                let gate = match act {
+                    Activation::Gelu => halves[0].gelu_erf()?,
+                    Activation::GeluTanh => halves[0].gelu()?,
+                    _ => halves[0].relu()?,
+                };
+                (gate * &halves[1])?
+            }
+        };
+        self.down_proj.forward(&hidden)
+    }
+}

@@ -1,0 +1,278 @@
+//! The fused ops of `granite_rs::kernels` against compositions of plain candle ops (computed in f32 on
+//! the same inputs), and their CUDA kernels against their CPU paths when a GPU can be used.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use granite_rs::kernels;
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// A usable GPU, or None with the reason printed.
+fn gpu() -> Option<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        println!("skipping the CUDA comparison: built without the `cuda` feature");
+        return None;
+    }
+    match Device::new_cuda(0) {
+        Ok(dev) => Some(dev),
+        Err(e) => {
+            println!("skipping the CUDA comparison: no usable GPU ({e})");
+            None
+        }
+    }
+}
+
+fn randn(shape: &[usize], dtype: DType, seed: u64) -> Result<Tensor> {
+    // A fixed, cheap pseudo-random sequence: tests stay reproducible without a seeded device RNG.
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+}
+
+fn f32(t: &Tensor) -> Result<Tensor> {
+    t.to_device(&Device::Cpu)?.to_dtype(DType::F32)
+}
+
+/// Relative tolerance of one result against a reference computed in f32 from the same inputs.
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 4e-3,
+        _ => 2e-2,
+    }
+}
+
+/// |a - b| <= tol * (1 + |b|) everywhere.
+fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) -> Result<()> {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let (a, b) = (f32(a)?.flatten_all()?.to_vec1::<f32>()?, f32(b)?.flatten_all()?.to_vec1::<f32>()?);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}: element {i}: {x} vs {y} (tolerance {tol})");
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_and_add_rms_norm() -> Result<()> {
+    let gpu = gpu();
+    for dtype in DTYPES {
+        for (i, shape) in
+            [vec![1, 1, 64], vec![2, 3, 96], vec![1, 7, 2048], vec![64, 1024], vec![5, 33]].iter().enumerate()
+        {
+            let hidden = *shape.last().unwrap();
+            let (res, br, w) =
+                (randn(shape, dtype, i as u64)?, randn(shape, dtype, 100)?, randn(&[hidden], dtype, 200)?);
+            let (scale, eps) = (0.22, 1e-6);
+            let what = format!("{dtype:?} {shape:?}");
+
+            let normed = kernels::rms_norm(&res, &w, eps)?;
+            let want = candle_nn::ops::rms_norm(&f32(&res)?, &f32(&w)?, eps as f32)?;
+            assert_close(&format!("rms_norm {what}"), &normed, &want, tolerance(dtype))?;
+
+            let (new_res, normed) = kernels::add_rms_norm(&res, &br, scale, &w, eps)?;
+            let want_res = (f32(&res)? + (f32(&br)? * scale)?)?;
+            // The op normalizes the residual as stored, rounded to the dtype.
+            let want =
+                candle_nn::ops::rms_norm(&want_res.to_dtype(dtype)?.to_dtype(DType::F32)?, &f32(&w)?, eps as f32)?;
+            assert_close(&format!("add_rms_norm residual {what}"), &new_res, &want_res, tolerance(dtype))?;
+            assert_close(&format!("add_rms_norm normed {what}"), &normed, &want, tolerance(dtype))?;
+
+            if let Some(dev) = &gpu {
+                let (r, b, w) = (res.to_device(dev)?, br.to_device(dev)?, w.to_device(dev)?);
+                let (gpu_res, gpu_normed) = kernels::add_rms_norm(&r, &b, scale, &w, eps)?;
+                assert_close(&format!("cuda residual {what}"), &gpu_res, &new_res, tolerance(dtype))?;
+                assert_close(&format!("cuda normed {what}"), &gpu_normed, &normed, tolerance(dtype))?;
+                let plain = kernels::rms_norm(&r, &w, eps)?;
+                assert_close(
+                    &format!("cuda rms_norm {what}"),
+                    &plain,
+                    &kernels::rms_norm(&res, &w.to_device(&Device::Cpu)?, eps)?,
+                    tolerance(dtype),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn swiglu() -> Result<()> {
+    let gpu = gpu();
+    for dtype in DTYPES {
+        for (i, shape) in [vec![1, 1, 10], vec![3, 7, 128], vec![64, 2048]].iter().enumerate() {
+            // Values up to ±80 on the last shape: sigmoid's tails, where e^-g overflows.
+            let x = (randn(shape, dtype, i as u64)? * if i == 2 { 40.0 } else { 1.0 })?;
+            let out = kernels::swiglu(&x)?;
+            let want = candle_nn::ops::swiglu(&f32(&x)?)?;
+            assert_close(&format!("swiglu {dtype:?} {shape:?}"), &out, &want, tolerance(dtype))?;
+            if let Some(dev) = &gpu {
+                let on_gpu = kernels::swiglu(&x.to_device(dev)?)?;
+                assert_close(&format!("cuda swiglu {dtype:?} {shape:?}"), &on_gpu, &out, tolerance(dtype))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Views of q, k, v (b, heads, t, d) into one qkv projection (b, t, (nh + 2 nkv) d), as the model
+/// has them: strided, not contiguous.
+fn qkv_views(qkv: &Tensor, nh: usize, nkv: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, _) = qkv.dims3()?;
+    let heads = qkv.reshape((b, t, nh + 2 * nkv, d))?;
+    let view = |start, n| heads.narrow(2, start, n)?.transpose(1, 2);
+    Ok((view(0, nh)?, view(nh, nkv)?, view(nh + nkv, nkv)?))
+}
+
+#[test]
+fn rope_write_kv() -> Result<()> {
+    let gpu = gpu();
+    // (b, nh, nkv, t, d, cap, pos, table rows, per-row tables)
+    let cases = [
+        (1, 4, 4, 1, 64, 8, 3, 1, false),
+        (2, 8, 2, 5, 32, 16, 7, 9, false),
+        (2, 6, 1, 3, 128, 3, 0, 3, true),
+        (1, 32, 8, 1, 128, 300, 299, 1, false),
+        (3, 4, 2, 17, 64, 40, 20, 17, true),
+    ];
+    for dtype in DTYPES {
+        for (i, &(b, nh, nkv, t, d, cap, pos, t_cs, batched)) in cases.iter().enumerate() {
+            let what = format!("{dtype:?} case {i}");
+            let qkv = randn(&[b, t, (nh + 2 * nkv) * d], dtype, i as u64)?;
+            let (q, k, v) = qkv_views(&qkv, nh, nkv, d)?;
+            let table_shape = if batched { vec![b, t_cs, d / 2] } else { vec![t_cs, d / 2] };
+            let angles = (randn(&table_shape, DType::F32, 50 + i as u64)? * 3.0)?;
+            let (cos, sin) = (angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?);
+            let k_cache = randn(&[b, nkv, cap, d], dtype, 300)?;
+            let v_cache = randn(&[b, nkv, cap, d], dtype, 400)?;
+            let (k_before, v_before) = (k_cache.copy()?, v_cache.copy()?);
+
+            let q_rot = kernels::rope_write_kv(&q, &k, &v, &cos, &sin, &k_cache, &v_cache, pos)?;
+
+            let rows = |x: &Tensor| x.narrow(D::Minus2, 0, t);
+            let (c, s) = (rows(&f32(&cos)?)?.contiguous()?, rows(&f32(&sin)?)?.contiguous()?);
+            let rope = |x: &Tensor| candle_nn::rotary_emb::rope(&f32(x)?.contiguous()?, &c, &s);
+            assert_close(&format!("q {what}"), &q_rot, &rope(&q)?, tolerance(dtype))?;
+            let with = |cache: &Tensor, new: &Tensor| -> Result<Tensor> {
+                let cache = f32(cache)?.copy()?;
+                cache.slice_set(new, 2, pos)?;
+                Ok(cache)
+            };
+            assert_close(&format!("k_cache {what}"), &k_cache, &with(&k_before, &rope(&k)?)?, tolerance(dtype))?;
+            assert_close(&format!("v_cache {what}"), &v_cache, &with(&v_before, &f32(&v)?.contiguous()?)?, 0.0)?;
+
+            if let Some(dev) = &gpu {
+                let qkv = qkv.to_device(dev)?;
+                let (q, k, v) = qkv_views(&qkv, nh, nkv, d)?;
+                let (cos, sin) = (cos.to_device(dev)?, sin.to_device(dev)?);
+                let (kc, vc) = (k_before.to_device(dev)?, v_before.to_device(dev)?);
+                let q_gpu = kernels::rope_write_kv(&q, &k, &v, &cos, &sin, &kc, &vc, pos)?;
+                assert_close(&format!("cuda q {what}"), &q_gpu, &q_rot, tolerance(dtype))?;
+                assert_close(&format!("cuda k_cache {what}"), &kc, &k_cache, tolerance(dtype))?;
+                assert_close(&format!("cuda v_cache {what}"), &vc, &v_cache, 0.0)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn decode_attention() -> Result<()> {
+    let gpu = gpu();
+    // (b, nh, nkv, d, cap, len)
+    let cases = [
+        (1, 4, 4, 64, 16, 1),
+        (2, 8, 2, 64, 40, 37),
+        (1, 32, 8, 128, 600, 513),
+        (3, 6, 1, 32, 10, 10),
+        (1, 8, 8, 256, 70, 69),
+        (2, 4, 2, 96, 3000, 2049),
+    ];
+    for dtype in DTYPES {
+        for (i, &(b, nh, nkv, d, cap, len)) in cases.iter().enumerate() {
+            let what = format!("{dtype:?} case {i}");
+            let qkv = randn(&[b, 1, (nh + 2 * nkv) * d], dtype, i as u64)?;
+            let (q, _, _) = qkv_views(&qkv, nh, nkv, d)?;
+            let k_cache = randn(&[b, nkv, cap, d], dtype, 10 + i as u64)?;
+            let v_cache = randn(&[b, nkv, cap, d], dtype, 20 + i as u64)?;
+            let scale = 1.0 / (d as f64).sqrt();
+
+            let out = kernels::decode_attention(&q, &k_cache, &v_cache, len, scale)?;
+
+            let rep = nh / nkv;
+            let keys = |c: &Tensor| f32(&c.narrow(2, 0, len)?);
+            let qf = (f32(&q)?.contiguous()? * scale)?.reshape((b, nkv, rep, d))?;
+            let scores = qf.matmul(&keys(&k_cache)?.t()?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let want = probs.matmul(&keys(&v_cache)?)?.reshape((b, nh, 1, d))?;
+            assert_close(&format!("attention {what}"), &out, &want, tolerance(dtype))?;
+
+            if let Some(dev) = &gpu {
+                let qkv = qkv.to_device(dev)?;
+                let (q, _, _) = qkv_views(&qkv, nh, nkv, d)?;
+                let (kc, vc) = (k_cache.to_device(dev)?, v_cache.to_device(dev)?);
+                let on_gpu = kernels::decode_attention(&q, &kc, &vc, len, scale)?;
+                assert_close(&format!("cuda attention {what}"), &on_gpu, &out, tolerance(dtype))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The causal softmax against candle's softmax after an additive mask, for query heads stacked
+/// along the rows, with and without earlier cached keys; and NaN scores stay NaN.
+#[test]
+fn causal_softmax() -> Result<()> {
+    for dtype in DTYPES {
+        for (i, &(heads, t, start)) in [(1, 1, 0), (3, 5, 0), (2, 17, 9), (4, 64, 100), (1, 3, 600)].iter().enumerate()
+        {
+            let len = start + t;
+            // Scores up to ±60: e^x far from 1 on both sides.
+            let scores = (randn(&[2, heads * t, len], dtype, 40 + i as u64)? * 30.0)?;
+            let mask: Vec<f32> = (0..heads * t)
+                .flat_map(|r| (0..len).map(move |j| if j <= start + r % t { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (heads * t, len), &Device::Cpu)?;
+            let want = candle_nn::ops::softmax_last_dim(&f32(&scores)?.broadcast_add(&mask)?)?;
+            let got = scores.copy()?;
+            kernels::causal_softmax_(&got, start, t)?;
+            assert_close(
+                &format!("causal softmax {dtype:?} heads {heads} t {t} start {start}"),
+                &got,
+                &want,
+                tolerance(dtype),
+            )?;
+        }
+    }
+    let scores = Tensor::from_vec(vec![0.5f32, f32::NAN, f32::NAN, 2.0], (2, 2), &Device::Cpu)?;
+    kernels::causal_softmax_(&scores, 0, 2)?;
+    let got = scores.to_vec2::<f32>()?;
+    assert!(got[0][0] == 1.0 && got[0][1] == 0.0, "a masked NaN is not seen: {got:?}");
+    assert!(got[1].iter().all(|p| p.is_nan()), "a NaN score must make its row NaN: {got:?}");
+    assert!(
+        kernels::causal_softmax_(&Tensor::zeros((3, 5), DType::F32, &Device::Cpu)?, 1, 3).is_err(),
+        "len != start + t"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_arguments_are_errors() -> Result<()> {
+    let x = randn(&[1, 2, 3, 8], DType::F32, 1)?;
+    let cache = Tensor::zeros((1, 2, 4, 8), DType::F32, &Device::Cpu)?;
+    let cs = Tensor::ones((3, 4), DType::F32, &Device::Cpu)?;
+    // pos + t beyond the capacity
+    assert!(kernels::rope_write_kv(&x, &x, &x, &cs, &cs, &cache, &cache.copy()?, 2).is_err());
+    // len beyond the capacity
+    assert!(kernels::decode_attention(&x.narrow(2, 0, 1)?, &cache, &cache, 5, 1.0).is_err());
+    // mixed dtypes
+    assert!(kernels::rms_norm(&x, &Tensor::ones(8, DType::F16, &Device::Cpu)?, 1e-6).is_err());
+    assert!(kernels::swiglu(&randn(&[2, 5], DType::F32, 1)?).is_err());
+    Ok(())
+}
