@@ -1,25 +1,38 @@
 //! The fused ops of `granite_rs::kernels` against compositions of plain candle ops (computed in f32 on
-//! the same inputs), and their CUDA kernels against their CPU paths when a GPU can be used.
+//! the same inputs), and (ignored tests, run with `--ignored` on a GPU) their CUDA kernels against
+//! their CPU paths.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use granite_rs::kernels;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-/// A usable GPU, or None with the reason printed.
-fn gpu() -> Option<Device> {
-    if !candle_core::utils::cuda_is_available() {
-        println!("skipping the CUDA comparison: built without the `cuda` feature");
-        return None;
-    }
-    match Device::new_cuda(0) {
-        Ok(dev) => Some(dev),
-        Err(e) => {
-            println!("skipping the CUDA comparison: no usable GPU ({e})");
-            None
-        }
-    }
+/// The GPU of the `_on_cuda` tests, which are ignored unless asked for (`-- --ignored`); without
+/// the `cuda` feature or a usable GPU they fail.
+fn cuda() -> Device {
+    Device::new_cuda(0).expect("the _on_cuda tests need the `cuda` feature and a usable GPU")
 }
+
+/// Each op's test on the CPU, and its CUDA kernel against the CPU path as an ignored test.
+macro_rules! cpu_and_cuda {
+    ($check:ident: $cpu:ident, $cuda:ident) => {
+        #[test]
+        fn $cpu() -> Result<()> {
+            $check(None)
+        }
+
+        #[test]
+        #[ignore = "needs a GPU: cargo test --release --features cuda --test kernels -- --ignored"]
+        fn $cuda() -> Result<()> {
+            $check(Some(cuda()))
+        }
+    };
+}
+
+cpu_and_cuda!(check_rms_norm: rms_norm_and_add_rms_norm, rms_norm_and_add_rms_norm_on_cuda);
+cpu_and_cuda!(check_swiglu: swiglu, swiglu_on_cuda);
+cpu_and_cuda!(check_rope_write_kv: rope_write_kv, rope_write_kv_on_cuda);
+cpu_and_cuda!(check_decode_attention: decode_attention, decode_attention_on_cuda);
 
 fn randn(shape: &[usize], dtype: DType, seed: u64) -> Result<Tensor> {
     // A fixed, cheap pseudo-random sequence: tests stay reproducible without a seeded device RNG.
@@ -59,9 +72,7 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn rms_norm_and_add_rms_norm() -> Result<()> {
-    let gpu = gpu();
+fn check_rms_norm(gpu: Option<Device>) -> Result<()> {
     for dtype in DTYPES {
         for (i, shape) in
             [vec![1, 1, 64], vec![2, 3, 96], vec![1, 7, 2048], vec![64, 1024], vec![5, 33]].iter().enumerate()
@@ -102,9 +113,7 @@ fn rms_norm_and_add_rms_norm() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn swiglu() -> Result<()> {
-    let gpu = gpu();
+fn check_swiglu(gpu: Option<Device>) -> Result<()> {
     for dtype in DTYPES {
         for (i, shape) in [vec![1, 1, 10], vec![3, 7, 128], vec![64, 2048]].iter().enumerate() {
             // Values up to ±80 on the last shape: sigmoid's tails, where e^-g overflows.
@@ -130,9 +139,7 @@ fn qkv_views(qkv: &Tensor, nh: usize, nkv: usize, d: usize) -> Result<(Tensor, T
     Ok((view(0, nh)?, view(nh, nkv)?, view(nh + nkv, nkv)?))
 }
 
-#[test]
-fn rope_write_kv() -> Result<()> {
-    let gpu = gpu();
+fn check_rope_write_kv(gpu: Option<Device>) -> Result<()> {
     // (b, nh, nkv, t, d, cap, pos, table rows, per-row tables)
     let cases = [
         (1, 4, 4, 1, 64, 8, 3, 1, false),
@@ -182,9 +189,7 @@ fn rope_write_kv() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn decode_attention() -> Result<()> {
-    let gpu = gpu();
+fn check_decode_attention(gpu: Option<Device>) -> Result<()> {
     // (b, nh, nkv, d, cap, len)
     let cases = [
         (1, 4, 4, 64, 16, 1),

@@ -1,4 +1,4 @@
-// Fused kernels for src/ops.rs. Every kernel computes in f32; each has an f32, f16 and bf16
+// Fused kernels for the ops of src/kernels. Every kernel computes in f32; each has an f32, f16 and bf16
 // entry point named `<kernel>_<dtype>` (see the INSTANTIATE macro at the end).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
