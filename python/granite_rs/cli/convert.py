@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from granite_rs._granite_rs import convert_gguf
+
 from .common import FORMATTER, USER_ERRORS, CliError, Progress, one_line
 
 EPILOG = """\
 Converts a GGUF file into an HF model directory (config.json, tokenizer.json,
-model.safetensors) that --model can load. Exits with status 2 if this build cannot convert.
+model.safetensors) that --model can load.
 
 example:
   granite-rs convert SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2
@@ -27,15 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from granite_rs import _granite_rs
-
-    convert = _granite_rs.convert_gguf
     src = Path(args.src).expanduser()
     if not src.is_file():
         raise CliError(f"not a file: {args.src} (convert takes a .gguf file)")
     try:
         with Progress(f"converting {src.name}", enabled=not args.quiet):
-            convert(str(src), str(Path(args.out_dir).expanduser()))
+            convert_gguf(str(src), str(Path(args.out_dir).expanduser()))
     except USER_ERRORS as e:
         raise CliError(f"cannot convert {src}: {one_line(e)}") from None
     print(f"wrote {args.out_dir}")

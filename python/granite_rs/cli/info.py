@@ -12,8 +12,8 @@ import granite_rs
 from .common import FORMATTER, USER_ERRORS, add_model_options, current_rss_bytes, load_generator
 
 EPILOG = """\
-Shows what the model's files say (format, architecture, parameter count from the weight
-headers) and what the loaded engine reports (vocab size, context length, eos ids, device,
+Shows what the engine read from the model's files (format, architecture, shape, stored dtype,
+parameter count) and what the loaded engine reports (vocab size, context length, eos ids, device,
 dtype, chat template), with the load time and the process's memory after loading.
 
 examples:

@@ -154,6 +154,6 @@ impl CustomOp3 for DecodeAttention {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::kernels::cuda::decode_attention(self, q, ql, k, kl, v, vl)?, ql.shape().clone()))
+        Ok((crate::kernels::cuda::decode_attention(self, (q, ql), (k, kl), (v, vl))?, ql.shape().clone()))
     }
 }

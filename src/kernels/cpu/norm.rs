@@ -51,6 +51,20 @@ impl RmsNorm {
         dst
     }
 
+    /// Both ops on CPU storages: the residual add only with a branch.
+    fn cpu_storage(
+        &self,
+        (x, xl): (&CpuStorage, &Layout),
+        branch: Option<(&CpuStorage, &Layout)>,
+        (w, wl): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(x.dtype(), "rms_norm", |T| {
+            let branch = branch.map(|(b, bl)| contiguous::<T>(b, bl)).transpose()?;
+            T::to_cpu_storage_owned(self.cpu::<T>(contiguous(x, xl)?, branch, contiguous(w, wl)?))
+        });
+        Ok((out, self.out_shape(xl)))
+    }
+
     fn out_shape(&self, l: &Layout) -> Shape {
         match self.scale {
             Some(_) => [&[2][..], l.dims()].concat().into(),
@@ -65,10 +79,7 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!(x.dtype(), CustomOp2::name(self), |T| {
-            T::to_cpu_storage_owned(self.cpu::<T>(contiguous(x, xl)?, None, contiguous(w, wl)?))
-        });
-        Ok((out, self.out_shape(xl)))
+        self.cpu_storage((x, xl), None, (w, wl))
     }
 
     #[cfg(feature = "cuda")]
@@ -79,7 +90,7 @@ impl CustomOp2 for RmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::kernels::cuda::rms_norm(x, xl, None, w, wl, self.eps)?;
+        let out = crate::kernels::cuda::rms_norm((x, xl), None, (w, wl), self.eps)?;
         Ok((out, self.out_shape(xl)))
     }
 }
@@ -98,11 +109,7 @@ impl CustomOp3 for RmsNorm {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!(x.dtype(), CustomOp3::name(self), |T| {
-            let (x, br, w) = (contiguous(x, xl)?, contiguous(br, bl)?, contiguous(w, wl)?);
-            T::to_cpu_storage_owned(self.cpu::<T>(x, Some(br), w))
-        });
-        Ok((out, self.out_shape(xl)))
+        self.cpu_storage((x, xl), Some((br, bl)), (w, wl))
     }
 
     #[cfg(feature = "cuda")]
@@ -115,7 +122,8 @@ impl CustomOp3 for RmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::kernels::cuda::rms_norm(x, xl, Some((br, bl, self.scale.unwrap_or(1.0))), w, wl, self.eps)?;
+        let out =
+            crate::kernels::cuda::rms_norm((x, xl), Some(((br, bl), self.scale.unwrap_or(1.0))), (w, wl), self.eps)?;
         Ok((out, self.out_shape(xl)))
     }
 }

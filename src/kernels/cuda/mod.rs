@@ -37,29 +37,18 @@ fn linear(threads: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// RMSNorm rows of x; with `branch` (storage, layout, scale) the result is (2, ...): the new
+/// A storage with its layout.
+pub type View<'a> = (&'a CudaStorage, &'a Layout);
+
+/// RMSNorm rows of x; with `branch` (its view and scale) the result is (2, ...): the new
 /// residual x + scale * branch, then the normed rows.
-pub fn rms_norm(
-    x: &CudaStorage,
-    xl: &Layout,
-    branch: Option<(&CudaStorage, &Layout, f32)>,
-    w: &CudaStorage,
-    wl: &Layout,
-    eps: f32,
-) -> Result<CudaStorage> {
-    fn run<T: Elem>(
-        x: &CudaStorage,
-        xl: &Layout,
-        branch: Option<(&CudaStorage, &Layout, f32)>,
-        w: &CudaStorage,
-        wl: &Layout,
-        eps: f32,
-    ) -> Result<CudaStorage> {
+pub fn rms_norm(x: View, branch: Option<(View, f32)>, w: View, eps: f32) -> Result<CudaStorage> {
+    fn run<T: Elem>((x, xl): View, branch: Option<(View, f32)>, (w, wl): View, eps: f32) -> Result<CudaStorage> {
         let dev = x.device();
         let (xs, ws) = (contiguous::<T>(x, xl)?, contiguous::<T>(w, wl)?);
         let n = ws.len();
         let rows = xs.len() / n;
-        let br = branch.map(|(b, bl, _)| contiguous::<T>(b, bl)).transpose()?;
+        let br = branch.map(|((b, bl), _)| contiguous::<T>(b, bl)).transpose()?;
         // SAFETY: uninitialized device memory, every element of which the kernel writes.
         let mut out = unsafe { dev.alloc::<T>(if br.is_some() { 2 * xs.len() } else { xs.len() }) }?;
         let block = (n.div_ceil(8) as u32).next_multiple_of(32).clamp(32, 1024);
@@ -73,12 +62,12 @@ pub fn rms_norm(
             None => b.arg(&null),
         };
         b.arg(&ws).arg(&mut out);
-        builder_arg!(b, n as u32, branch.map_or(1.0, |(_, _, s)| s), eps);
+        builder_arg!(b, n as u32, branch.map_or(1.0, |(_, s)| s), eps);
         // SAFETY: the arguments match the kernel's signature and the buffers their sizes.
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-    by_dtype!(x.dtype(), "rms_norm", |T| run::<T>(x, xl, branch, w, wl, eps))
+    by_dtype!(x.0.dtype(), "rms_norm", |T| run::<T>(x, branch, w, eps))
 }
 
 /// silu(gate) * up, rows of n out of rows of 2n.
@@ -149,26 +138,10 @@ pub fn rope(
 
 /// Flash-decoding attention (see `kernels::decode_attention`): the context is split so that there are
 /// about two blocks per SM, each split at least 64 keys; a second kernel merges the splits.
-pub fn decode_attention(
-    op: &DecodeAttention,
-    q: &CudaStorage,
-    ql: &Layout,
-    k: &CudaStorage,
-    kl: &Layout,
-    v: &CudaStorage,
-    vl: &Layout,
-) -> Result<CudaStorage> {
+pub fn decode_attention(op: &DecodeAttention, q: View, k: View, v: View) -> Result<CudaStorage> {
     const BLOCKS: usize = 264;
     const MIN_CHUNK: usize = 64;
-    fn run<T: Elem>(
-        op: &DecodeAttention,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<CudaStorage> {
+    fn run<T: Elem>(op: &DecodeAttention, (q, ql): View, (k, kl): View, (v, vl): View) -> Result<CudaStorage> {
         let dev = q.device();
         let (b, nh, _, d) = ql.shape().dims4()?;
         let nkv = kl.dims()[1];
@@ -214,5 +187,5 @@ pub fn decode_attention(
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-    by_dtype!(q.dtype(), "decode_attention", |T| run::<T>(op, q, ql, k, kl, v, vl))
+    by_dtype!(q.0.dtype(), "decode_attention", |T| run::<T>(op, q, k, v))
 }
