@@ -203,15 +203,19 @@ def worker(engine: str, weights: str, paths: dict, ids: list, new: int, threads:
     raise ValueError(engine)
 
 
-def measure(engine: str, weights: str, paths: dict, ids: list, new: int, threads: int) -> dict:
-    """`worker` in a fresh process; its result, also printed to stderr."""
+def measure(engine: str, weights: str, paths: dict, ids: list, new: int, threads: int, build: str = "") -> dict:
+    """`worker` in a fresh process (importing granite_rs from `build` first, when given); its
+    result, also printed to stderr."""
     spec = dict(engine=engine, weights=weights, paths=paths, ids=ids, new=new, threads=threads)
+    env = {**os.environ, "RAYON_NUM_THREADS": str(threads)}
+    if build:
+        env["PYTHONPATH"] = build
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                         text=True, env={**os.environ, "RAYON_NUM_THREADS": str(threads)})
+                         text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"{engine} {weights} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{engine:18} {weights:6} prefill {len(ids) / r['prefill_s']:8.1f} tok/s  "
+    print(f"{build[-24:]:24} {engine:18} {weights:6} prefill {len(ids) / r['prefill_s']:8.1f} tok/s  "
           f"decode {r['decode_tps']:7.1f} tok/s", file=sys.stderr)
     return r
 
@@ -230,6 +234,9 @@ def parser(doc: str, work: str) -> argparse.ArgumentParser:
 def main() -> None:
     p = parser(__doc__, "bench-compare")
     p.add_argument("--only", help="comma-separated engines to run (default: all)")
+    p.add_argument("--ab", metavar="A,B", help="instead of the engines, two builds of ours: directories that "
+                   "hold a granite_rs package with its extension (copies of python/ after `maturin develop`), "
+                   "alternated run by run on our cases")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -239,6 +246,9 @@ def main() -> None:
 
     paths = prepare(args.work)
     ids = prompt_ids(paths, args.prompt_tokens)
+    if args.ab:
+        compare_builds(args, paths, ids)
+        return
     cases = [c for c in CASES if not args.only or c[0] in args.only.split(",")]
     runs = {c: [] for c in cases}
     bandwidths = []
@@ -274,6 +284,27 @@ def main() -> None:
         share = m["decode_tps"] * m["weight_bytes"] / bw * 100
         print(f"| {engine} | {weights} | {m['weight_bytes'] / 2**20:,.0f} | {prefill:,.0f} | {m['decode_tps']:,.1f} "
               f"| {vs_hf} | {vs_llama} | {vs_llama_prefill} | {share:.0f}% |")
+
+
+def compare_builds(args: argparse.Namespace, paths: dict, ids: list) -> None:
+    """`--ab`: our cases on two builds, alternated (A B, then B A, ...), medians and B/A ratios."""
+    builds = args.ab.split(",")
+    cases = [c for c in CASES if c[0] == "granite-rs"]
+    runs = {(b, c): [] for b in builds for c in cases}
+    for rep in range(args.reps):
+        for case in cases:
+            for b in builds if rep % 2 == 0 else builds[::-1]:
+                runs[(b, case)].append(measure(*case, paths, ids, args.new_tokens, args.threads, build=b))
+    med = {k: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for k, rs in runs.items()}
+    a, b = builds
+    print(f"\nA = {a}, B = {b}; prompt {len(ids)} tokens, {args.new_tokens} new, {args.threads} threads, "
+          f"medians of {args.reps} alternating runs, each in a fresh process.\n")
+    print("| weights | prefill A tok/s | prefill B tok/s | B/A | decode A tok/s | decode B tok/s | B/A |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for case in cases:
+        pa, pb = (len(ids) / med[(x, case)]["prefill_s"] for x in builds)
+        da, db = (med[(x, case)]["decode_tps"] for x in builds)
+        print(f"| {case[1]} | {pa:,.0f} | {pb:,.0f} | {pb / pa:.3f} | {da:,.1f} | {db:,.1f} | {db / da:.3f} |")
 
 
 if __name__ == "__main__":

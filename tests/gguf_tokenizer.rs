@@ -10,9 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use granite_rs::text::gguf_tokenizer::{
-    gguf_special_ids, hf_tokenizer_from_metadata, tokenizer_from_gguf, tokenizer_from_metadata,
-};
+use granite_rs::text::gguf_tokenizer::{hf_tokenizer_from_metadata, tokenizer_from_gguf, tokenizer_from_metadata};
 use serde_json::Value as Json;
 
 fn read_gguf(path: &Path) -> Content {
@@ -170,7 +168,8 @@ fn from_gguf_content_and_special_ids() {
     let content = read_gguf(&path);
     let tokenizer = tokenizer_from_gguf(&content).unwrap();
     assert_eq!(tokenizer.encode("<|im_start|>user\nHi<|im_end|>\n", true).unwrap(), [1, 4093, 198, 26843, 2, 198]);
-    assert_eq!(gguf_special_ids(&content), (Some(1), vec![2], Some(2)));
+    let config = granite_rs::loading::gguf::Gguf::open(&path).unwrap().config().unwrap();
+    assert_eq!((config.bos_token_id, config.eos_token_ids(), config.pad_token_id), (Some(1), vec![2], Some(2)));
 }
 
 #[test]

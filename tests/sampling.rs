@@ -34,7 +34,7 @@ fn processors_match_transformers() {
         let (name, value) = (case["name"].as_str().unwrap(), case["value"].as_f64().unwrap());
         let mut ours = scores.clone();
         match name {
-            "repetition_penalty" => repetition_penalty(&mut ours, &context, value as f32),
+            "repetition_penalty" => repetition_penalty(&mut ours, &context, &[], value as f32),
             "temperature" => ours.iter_mut().for_each(|x| *x /= value as f32),
             "top_k" => top_k(&mut ours, value as usize),
             "top_p" => top_p(&mut ours, value as f32),

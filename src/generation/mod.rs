@@ -2,12 +2,12 @@
 //! stopping, one sequence, sessions that keep their cache, batches, and the loaded model itself
 //! (`model::Generator`). Usable from Rust alone: nothing here knows Python.
 
-pub mod batch;
-pub mod defaults;
-pub mod model;
+pub(crate) mod batch;
+pub(crate) mod defaults;
+pub(crate) mod model;
 pub mod params;
 pub mod sampling;
-pub mod sequence;
-pub mod session;
-pub mod stopping;
-pub mod threads;
+pub(crate) mod sequence;
+pub(crate) mod session;
+pub(crate) mod stopping;
+pub(crate) mod threads;

@@ -58,7 +58,7 @@ impl Sampler {
         }
         let p = &self.params;
         if let Some(penalty) = p.repetition_penalty.filter(|p| *p != 1.0) {
-            repetition_penalty_split(logits, prompt, generated, penalty as f32);
+            repetition_penalty(logits, prompt, generated, penalty as f32);
         }
         let presence = p.presence_penalty.unwrap_or(0.0);
         let frequency = p.frequency_penalty.unwrap_or(0.0);
@@ -131,12 +131,9 @@ pub fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// transformers' RepetitionPenaltyLogitsProcessor: seen tokens' scores shrink toward less likely.
-pub fn repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
-    repetition_penalty_split(logits, context, &[], penalty)
-}
-
-fn repetition_penalty_split(logits: &mut [f32], prompt: &[u32], generated: &[u32], penalty: f32) {
+/// transformers' RepetitionPenaltyLogitsProcessor: the scores of tokens seen in the prompt or
+/// the generated tokens shrink toward less likely.
+pub fn repetition_penalty(logits: &mut [f32], prompt: &[u32], generated: &[u32], penalty: f32) {
     let mut seen = vec![false; logits.len()];
     for &id in prompt.iter().chain(generated) {
         if let Some(s) = seen.get_mut(id as usize) {

@@ -159,11 +159,6 @@ impl Gguf {
         Ok(cfg)
     }
 
-    /// The path this was opened from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The text of token `id` in the file's vocabulary.
     pub fn token(&self, id: u32) -> Option<&str> {
         let tokens = self.metadata("tokenizer.ggml.tokens")?.to_vec().ok()?;

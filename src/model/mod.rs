@@ -3,9 +3,9 @@
 //! format (`linear`).
 
 mod attention;
-pub mod granite;
-pub mod kv_cache;
+pub(crate) mod granite;
+pub(crate) mod kv_cache;
 pub mod linear;
 mod mask;
 mod mlp;
-pub mod rope;
+pub(crate) mod rope;

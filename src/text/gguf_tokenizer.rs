@@ -177,18 +177,6 @@ pub fn hf_tokenizer_from_metadata(metadata: &HashMap<String, Value>) -> Result<t
     Ok(tk)
 }
 
-/// `(bos, eos, pad)` token ids the file names (`tokenizer.ggml.{bos,eos,padding}_token_id`), as
-/// transformers puts them in the model config; `eos` is empty when the file names none.
-pub fn gguf_special_ids(content: &Content) -> (Option<u32>, Vec<u32>, Option<u32>) {
-    let meta = Meta(&content.metadata);
-    let id = |key| meta.opt_id(key).ok().flatten();
-    (
-        id("tokenizer.ggml.bos_token_id"),
-        id("tokenizer.ggml.eos_token_id").into_iter().collect(),
-        id("tokenizer.ggml.padding_token_id"),
-    )
-}
-
 /// transformers' `byte_level_tokenizer`: a `GPT2Tokenizer` over the file's vocabulary and merges.
 fn byte_level_bpe(meta: &Meta, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
     let spelling = bytes_to_unicode();
