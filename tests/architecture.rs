@@ -35,13 +35,41 @@ fn without_comments(text: &str) -> String {
     text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n")
 }
 
-/// The names that follow `prefix` in `code` (`crate::` -> the parts a file uses).
+/// The names that follow `prefix` in `code` (`crate::` -> the parts a file uses), the first name
+/// of each path in a `prefix{a, b::c}` group included.
 fn names_after(code: &str, prefix: &str) -> BTreeSet<String> {
-    code.match_indices(prefix)
-        .filter(|(at, _)| !code[..*at].ends_with(|c: char| c.is_alphanumeric() || c == '_'))
-        .map(|(at, _)| code[at + prefix.len()..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect())
-        .filter(|name: &String| !name.is_empty())
-        .collect()
+    let ident =
+        |s: &str| -> String { s.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect() };
+    let mut names = BTreeSet::new();
+    for (at, _) in code.match_indices(prefix) {
+        if code[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_') {
+            continue;
+        }
+        let rest = &code[at + prefix.len()..];
+        match rest.strip_prefix('{') {
+            Some(group) => {
+                let (mut depth, mut item) = (0, String::new());
+                for c in group.chars() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            names.insert(ident(&std::mem::take(&mut item)));
+                        }
+                        _ if depth == 0 => item.push(c),
+                        _ => {}
+                    };
+                }
+                names.insert(ident(&item));
+            }
+            None => {
+                names.insert(ident(rest));
+            }
+        }
+    }
+    names.remove("");
+    names
 }
 
 fn part_of(relative: &Path) -> String {
@@ -88,9 +116,13 @@ fn parts_use_only_allowed_parts() {
 
 #[test]
 fn the_check_sees_a_forbidden_arrow() {
-    let code = "use crate::generation::model::Generator;\nlet x = crate::kernels::cpu::gemv; // crate::python";
+    let code = "use crate::generation::model::Generator;\nlet x = crate::kernels::cpu::gemv; // crate::python\n\
+                use crate::{text::chat, loading::{gguf, mapped}};";
     let used = names_after(&without_comments(code), "crate::");
-    assert_eq!(used, BTreeSet::from(["generation".to_string(), "kernels".to_string()]));
+    let want = ["generation", "kernels", "loading", "text"].map(String::from);
+    assert_eq!(used, BTreeSet::from(want));
+    let cuda = names_after("use crate::kernels::{by_dtype, shapes::RopeShape};", "crate::kernels::");
+    assert_eq!(cuda, BTreeSet::from(["by_dtype".to_string(), "shapes".to_string()]));
     assert!(!ALLOWED.iter().find(|(p, _)| *p == "model").unwrap().1.contains(&"generation"));
 }
 

@@ -230,38 +230,55 @@ fn check_decode_attention(gpu: Option<Device>) -> Result<()> {
     Ok(())
 }
 
-/// The causal softmax against candle's softmax after an additive mask, for query heads stacked
-/// along the rows, with and without earlier cached keys; and NaN scores stay NaN.
+/// Tiled causal attention of a prompt against softmax(scale q kᵀ + causal mask) v formed whole,
+/// with and without cached keys, GQA, k and v as views of a cache; and a NaN stays visible.
 #[test]
-fn causal_softmax() -> Result<()> {
+fn prefill_attention() -> Result<()> {
+    // (b, nh, nkv, t, start, d, cache capacity)
+    let cases = [
+        (1, 1, 1, 1, 0, 64, 1),
+        (1, 4, 4, 5, 0, 64, 5),
+        (2, 6, 2, 33, 7, 32, 64),
+        (1, 9, 3, 130, 0, 64, 130),
+        (2, 4, 1, 40, 300, 128, 400),
+        (1, 2, 2, 257, 3, 96, 260),
+    ];
     for dtype in DTYPES {
-        for (i, &(heads, t, start)) in [(1, 1, 0), (3, 5, 0), (2, 17, 9), (4, 64, 100), (1, 3, 600)].iter().enumerate()
-        {
+        for (i, &(b, nh, nkv, t, start, d, cap)) in cases.iter().enumerate() {
+            let what = format!("{dtype:?} case {i}");
             let len = start + t;
-            // Scores up to ±60: e^x far from 1 on both sides.
-            let scores = (randn(&[2, heads * t, len], dtype, 40 + i as u64)? * 30.0)?;
-            let mask: Vec<f32> = (0..heads * t)
-                .flat_map(|r| (0..len).map(move |j| if j <= start + r % t { 0.0 } else { f32::NEG_INFINITY }))
+            let q = randn(&[b, nh, t, d], dtype, 60 + i as u64)?;
+            // Keys and values as the model has them: the first len positions of a cache.
+            let k_cache = randn(&[b, nkv, cap, d], dtype, 70 + i as u64)?;
+            let v_cache = randn(&[b, nkv, cap, d], dtype, 80 + i as u64)?;
+            let (k, v) = (k_cache.narrow(2, 0, len)?, v_cache.narrow(2, 0, len)?);
+            let scale = 1.0 / (d as f64).sqrt();
+
+            let out = kernels::prefill_attention(&q, &k, &v, start, scale)?;
+
+            let rep = nh / nkv;
+            let qf = (f32(&q)? * scale)?.reshape((b, nkv, rep * t, d))?;
+            let scores = qf.matmul(&f32(&k)?.t()?)?.reshape((b, nh, t, len))?;
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|r| (0..len).map(move |j| if j <= start + r { 0.0 } else { f32::NEG_INFINITY }))
                 .collect();
-            let mask = Tensor::from_vec(mask, (heads * t, len), &Device::Cpu)?;
-            let want = candle_nn::ops::softmax_last_dim(&f32(&scores)?.broadcast_add(&mask)?)?;
-            let got = scores.copy()?;
-            kernels::causal_softmax_(&got, start, t)?;
-            assert_close(
-                &format!("causal softmax {dtype:?} heads {heads} t {t} start {start}"),
-                &got,
-                &want,
-                tolerance(dtype),
-            )?;
+            let mask = Tensor::from_vec(mask, (t, len), &Device::Cpu)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+            let want = probs.reshape((b, nkv, rep * t, len))?.matmul(&f32(&v)?)?.reshape((b, nh, t, d))?;
+            assert_close(&format!("prefill attention {what}"), &out, &want, tolerance(dtype))?;
         }
     }
-    let scores = Tensor::from_vec(vec![0.5f32, f32::NAN, f32::NAN, 2.0], (2, 2), &Device::Cpu)?;
-    kernels::causal_softmax_(&scores, 0, 2)?;
-    let got = scores.to_vec2::<f32>()?;
-    assert!(got[0][0] == 1.0 && got[0][1] == 0.0, "a masked NaN is not seen: {got:?}");
-    assert!(got[1].iter().all(|p| p.is_nan()), "a NaN score must make its row NaN: {got:?}");
+    // A NaN key reaches the queries that see it, and only those (its value is finite).
+    let q = randn(&[1, 1, 3, 64], DType::F32, 1)?;
+    let mut keys = randn(&[1, 1, 3, 64], DType::F32, 2)?.flatten_all()?.to_vec1::<f32>()?;
+    keys[64] = f32::NAN;
+    let k = Tensor::from_vec(keys, (1, 1, 3, 64), &Device::Cpu)?;
+    let v = randn(&[1, 1, 3, 64], DType::F32, 3)?;
+    let out = kernels::prefill_attention(&q, &k, &v, 0, 0.125)?.flatten_all()?.to_vec1::<f32>()?;
+    let nan_rows: Vec<bool> = (0..3).map(|r| out[r * 64..(r + 1) * 64].iter().any(|x| x.is_nan())).collect();
+    assert_eq!(nan_rows, [false, true, true], "query 0 does not see key 1");
     assert!(
-        kernels::causal_softmax_(&Tensor::zeros((3, 5), DType::F32, &Device::Cpu)?, 1, 3).is_err(),
+        kernels::prefill_attention(&q, &k.narrow(2, 0, 2)?, &k.narrow(2, 0, 2)?, 0, 1.0).is_err(),
         "len != start + t"
     );
     Ok(())

@@ -1,7 +1,7 @@
 //! The op API: fused decoder ops as candle ops. RMSNorm with the residual add, RoPE with the
-//! KV-cache write, single-query attention over the cache, a causal softmax, SwiGLU. Each runs on
-//! the CPU (f32, f16, bf16; computed in f32, rows in parallel when there is enough work; `cpu/`)
-//! and, with the `cuda` feature, as one of our kernels (`cuda/`). `cpu/` also holds the weight
+//! KV-cache write, single-query attention over the cache, tiled causal attention of a prompt
+//! (CPU only), SwiGLU. Each runs on the CPU (f32, f16, bf16; computed in f32, rows in parallel
+//! when there is enough work; `cpu/`) and, with the `cuda` feature, as one of our kernels (`cuda/`). `cpu/` also holds the weight
 //! formats and the matrix products (`gemv`, `gemm`) that `model::linear` runs projections on.
 //!
 //! Kernels are leaves: nothing here imports model, generation or Python code.
@@ -19,8 +19,8 @@ use candle_core::{bail, Result, Tensor, D};
 
 use cpu::attention::DecodeAttention;
 use cpu::norm::RmsNorm;
+use cpu::prefill::PrefillAttention;
 use cpu::rope::{CacheWrite, Rope};
-use cpu::softmax::CausalSoftmax;
 use cpu::swiglu::Swiglu;
 
 /// new_residual = residual + scale * branch; normed = rmsnorm(new_residual) * weight.
@@ -99,19 +99,21 @@ pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usi
     q.apply_op3_no_bwd(k_cache, v_cache, &DecodeAttention { len, scale: scale as f32 })
 }
 
-/// Causal softmax over the last dim of `scores` (..., rows, start + t), contiguous, on the CPU, in
-/// place: row r holds the scores of query r % t (query heads stacked along the rows), which sees
-/// the first start + r % t + 1 keys; the keys after those get probability 0.
-pub fn causal_softmax_(scores: &Tensor, start: usize, t: usize) -> Result<()> {
-    let dims = scores.dims();
-    let (rows, len) = match dims {
-        [.., rows, len] => (*rows, *len),
-        _ => bail!("causal_softmax_: scores {:?}", scores.shape()),
-    };
-    if t == 0 || len != start + t || rows % t != 0 || !scores.is_contiguous() || !scores.device().is_cpu() {
-        bail!("causal_softmax_: scores {:?} for {t} queries after {start} keys", scores.layout());
+/// Causal attention of t queries after `start` cached positions, on the CPU, in tiles (no
+/// (t, start + t) score matrix is formed): query i sees keys 0..=start + i, softmax(scale q k^T) v
+/// in f32. q (b, n_heads, t, head_dim), k and v (b, n_kv, start + t, head_dim), each with any
+/// strides but the last 1, n_heads a multiple of n_kv. Returns (b, n_heads, t, head_dim) contiguous.
+pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, scale: f64) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (kb, nkv, len, kd) = k.dims4()?;
+    let bad = t == 0 || kb != b || kd != d || nkv == 0 || nh % nkv != 0 || len != start + t;
+    if bad || v.dims4()? != (kb, nkv, len, kd) {
+        bail!("prefill_attention: q {:?}, k {:?}, v {:?} after {start} cached", q.shape(), k.shape(), v.shape());
     }
-    scores.inplace_op1(&CausalSoftmax { start, t })
+    if [q, k, v].iter().any(|x| x.stride()[3] != 1 || !x.device().is_cpu()) {
+        bail!("prefill_attention: q, k and v need a last stride of 1, on the CPU");
+    }
+    q.apply_op3_no_bwd(k, v, &PrefillAttention { start, scale: scale as f32 })
 }
 
 /// silu(gate) * up for gate_up (..., 2 * n), gate the first half; contiguous.

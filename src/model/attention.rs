@@ -76,25 +76,29 @@ impl Attention {
                 (rope(&q)?, rope(&k)?, v.contiguous()?)
             }
         };
-        let len = k.dim(2)?;
+        let out = match &pos.mask {
+            // Unpadded on the CPU: causal attention in tiles, with no score matrix.
+            None if q.device().is_cpu() => kernels::prefill_attention(&q, &k, &v, k.dim(2)? - t, self.scale)?,
+            mask => self.attention_by_scores(&q, &k, &v, mask.as_ref())?,
+        };
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+
+    /// softmax(scale q kᵀ + mask) v with the scores formed: padded batches, and GPUs (where the
+    /// mask is None only for one unpadded query, which sees every key). (b, nh, t, hd).
+    fn attention_by_scores(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (nkv, len) = (self.n_kv_heads, k.dim(2)?);
         // GQA without copying K/V: the n_rep query heads of one kv head become rows of one matrix.
         let n_rep = nh / nkv;
         let q = (q * self.scale)?.reshape((b, nkv, n_rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?; // (b, nkv, n_rep t, len)
-        let probs = match &pos.mask {
-            Some(m) => {
-                let scores = scores.reshape((b, nh, t, len))?.broadcast_add(m)?.reshape((b, nkv, n_rep * t, len))?;
-                candle_nn::ops::softmax_last_dim(&scores)?
-            }
-            None if scores.device().is_cpu() => {
-                kernels::causal_softmax_(&scores, len - t, t)?;
-                scores
-            }
-            // Elsewhere the mask is None only for one unpadded query, which sees every key.
-            None => candle_nn::ops::softmax_last_dim(&scores)?,
+        let scores = match mask {
+            Some(m) => scores.reshape((b, nh, t, len))?.broadcast_add(m)?.reshape((b, nkv, n_rep * t, len))?,
+            None => scores,
         };
-        let out = probs.matmul(&v)?; // (b, nkv, n_rep t, hd)
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out)
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        Ok(probs.matmul(v)?.reshape((b, nh, t, hd))?) // (b, nkv, n_rep t, hd) as (b, nh, t, hd)
     }
 }

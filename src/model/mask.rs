@@ -22,7 +22,7 @@ fn values(start: usize, t: usize, left_pad: &[usize]) -> Vec<f32> {
 
 /// Additive causal mask of `t` queries after `start` cached keys: (t, start + t) without
 /// padding, else (b, 1, t, start + t). None without padding for one query, or on the CPU, where
-/// `kernels::causal_softmax_` masks as it goes.
+/// `kernels::prefill_attention` masks as it goes.
 pub fn causal_mask(
     start: usize,
     t: usize,

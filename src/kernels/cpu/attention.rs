@@ -3,7 +3,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, WithDType};
 
-use super::softmax::causal_softmax_row;
+use super::softmax::softmax_row;
 use super::{for_chunks, vectorized};
 use crate::kernels::dtype::{by_dtype, Float};
 pub(crate) use crate::kernels::shapes::DecodeAttention;
@@ -50,7 +50,7 @@ fn attend_sized<T: Float, const D: usize>(
         }
         *s = sum8(std::array::from_fn(|i| (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i])));
     }
-    causal_softmax_row(scores, scores.len());
+    softmax_row(scores);
     let mut acc = [0f32; D];
     for (p, s) in scores.iter().enumerate() {
         let row: &[T; D] = v[p * v_step..p * v_step + D].try_into().expect("head size");
@@ -86,7 +86,7 @@ vectorized! {
         for (p, s) in scores.iter_mut().enumerate() {
             *s = dot(q, &k[p * k_step..p * k_step + d]);
         }
-        causal_softmax_row(scores, scores.len());
+        softmax_row(scores);
         acc.fill(0.0);
         for (p, s) in scores.iter().enumerate() {
             for (a, x) in acc.iter_mut().zip(&v[p * v_step..p * v_step + d]) {

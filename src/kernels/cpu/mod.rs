@@ -8,6 +8,7 @@ pub mod formats;
 mod gemm;
 mod gemv;
 pub(crate) mod norm;
+pub(crate) mod prefill;
 pub(crate) mod rope;
 pub(crate) mod softmax;
 pub(crate) mod swiglu;
@@ -49,17 +50,17 @@ impl Out {
 /// and for the baseline. The loops of the ops below are written for the compiler to vectorize,
 /// and x86-64's baseline gives it 4 lanes and no FMA; the helpers they call are `#[inline(always)]`.
 macro_rules! vectorized {
-    ($(#[$m:meta])* $vis:vis fn $name:ident<T: Float>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident$(<$($g:ident: $b:path),*>)?($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        $vis fn $name<T: Float>($($arg: $ty),*) {
+        $vis fn $name$(<$($g: $b),*>)?($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body<T: Float>($($arg: $ty),*) $body
+            fn body$(<$($g: $b),*>)?($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             if crate::kernels::cpu::avx2() {
                 /// # Safety
                 /// The CPU has AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast<T: Float>($($arg: $ty),*) {
+                unsafe fn fast$(<$($g: $b),*>)?($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 // SAFETY: the features are present.
@@ -69,7 +70,6 @@ macro_rules! vectorized {
         }
     };
 }
-
 /// Elements touched below which a CPU op stays on the calling thread.
 const PARALLEL_WORK: usize = 1 << 15;
 
@@ -89,4 +89,5 @@ pub(crate) fn for_chunks<T: Send, S>(
         dst.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(&mut s, i, c));
     }
 }
+
 pub(crate) use vectorized;

@@ -6,7 +6,8 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConf
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Error, Layout, Result, WithDType};
 
-use crate::kernels::{by_dtype, DecodeAttention, RopeShape};
+use super::dtype::by_dtype;
+use super::shapes::{DecodeAttention, RopeShape};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "granite_kernels";
