@@ -1,6 +1,7 @@
 //! The element types our ops run in, and dispatch on a tensor's dtype.
 
-use candle_core::{bail, CpuStorage, Error, Layout, Result, WithDType};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Error, Layout, Result, Shape, WithDType};
 use half::{bf16, f16};
 
 /// The dtypes our ops run in: f32 math on every element.
@@ -60,4 +61,24 @@ pub(crate) use by_dtype;
 pub(crate) fn contiguous<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let (start, end) = l.contiguous_offsets().ok_or_else(|| Error::Msg("expected a contiguous tensor".into()))?;
     Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+/// An op on (q, k, v), each a storage of one dtype with its layout: its CPU work, in f32 math.
+pub(crate) trait QkvOp {
+    fn cpu<T: Float>(&self, q: (&[T], &Layout), k: (&[T], &Layout), v: (&[T], &Layout)) -> Result<Vec<T>>;
+
+    /// `cpu` on candle's storages; the result has q's shape.
+    fn cpu_storages(
+        &self,
+        name: &str,
+        (q, ql): (&CpuStorage, &Layout),
+        (k, kl): (&CpuStorage, &Layout),
+        (v, vl): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(q.dtype(), name, |T| {
+            let (q, k, v) = (T::cpu_storage_as_slice(q)?, T::cpu_storage_as_slice(k)?, T::cpu_storage_as_slice(v)?);
+            T::to_cpu_storage_owned(self.cpu::<T>((q, ql), (k, kl), (v, vl))?)
+        });
+        Ok((out, ql.shape().clone()))
+    }
 }

@@ -1,11 +1,10 @@
 //! Attention of one query per (row, head) over a KV cache.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 
 use super::softmax::softmax_row;
 use super::{for_chunks, vectorized};
-use crate::kernels::dtype::{by_dtype, Float};
+use crate::kernels::dtype::{Float, QkvOp};
 pub(crate) use crate::kernels::shapes::DecodeAttention;
 
 /// a · b with eight independent sums, so that the compiler vectorizes it.
@@ -99,9 +98,13 @@ vectorized! {
     }
 }
 
-impl DecodeAttention {
-    #[allow(clippy::too_many_arguments)]
-    fn cpu<T: Float>(&self, q: &[T], ql: &Layout, k: &[T], kl: &Layout, v: &[T], vl: &Layout) -> Result<Vec<T>> {
+impl QkvOp for DecodeAttention {
+    fn cpu<T: Float>(
+        &self,
+        (q, ql): (&[T], &Layout),
+        (k, kl): (&[T], &Layout),
+        (v, vl): (&[T], &Layout),
+    ) -> Result<Vec<T>> {
         let (b, nh, _, d) = ql.shape().dims4()?;
         let (_, nkv, _, _) = kl.shape().dims4()?;
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
@@ -137,11 +140,7 @@ impl CustomOp3 for DecodeAttention {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!(q.dtype(), self.name(), |T| {
-            let (q, k, v) = (T::cpu_storage_as_slice(q)?, T::cpu_storage_as_slice(k)?, T::cpu_storage_as_slice(v)?);
-            T::to_cpu_storage_owned(self.cpu::<T>(q, ql, k, kl, v, vl)?)
-        });
-        Ok((out, ql.shape().clone()))
+        self.cpu_storages(self.name(), (q, ql), (k, kl), (v, vl))
     }
 
     #[cfg(feature = "cuda")]

@@ -2,13 +2,12 @@
 //! the keys a tile at a time, two small gemms per pair of tiles, with the softmax carried along
 //! (running max and sum per query), so no (t, start + t) score matrix is ever formed.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
 use super::softmax::{exp_nonpositive, exp_row};
 use super::vectorized;
-use crate::kernels::dtype::{by_dtype, Float};
+use crate::kernels::dtype::{Float, QkvOp};
 
 /// Queries per tile and keys per tile: the scores of a pair, 32 x 128 f32, stay in L1.
 const QUERIES: usize = 32;
@@ -154,7 +153,9 @@ impl PrefillAttention {
         }
         Ok(())
     }
+}
 
+impl QkvOp for PrefillAttention {
     fn cpu<T: Float>(&self, q: (&[T], &Layout), k: (&[T], &Layout), v: (&[T], &Layout)) -> Result<Vec<T>> {
         let (b, nh, t, d) = q.1.shape().dims4()?;
         let mut out = vec![T::of(0.0); b * nh * t * d];
@@ -183,10 +184,6 @@ impl CustomOp3 for PrefillAttention {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!(q.dtype(), self.name(), |T| {
-            let (q, k, v) = (T::cpu_storage_as_slice(q)?, T::cpu_storage_as_slice(k)?, T::cpu_storage_as_slice(v)?);
-            T::to_cpu_storage_owned(self.cpu::<T>((q, ql), (k, kl), (v, vl))?)
-        });
-        Ok((out, ql.shape().clone()))
+        self.cpu_storages(self.name(), (q, ql), (k, kl), (v, vl))
     }
 }
