@@ -104,7 +104,10 @@ def prepare(work: Path) -> dict:
         from granite_rs import _granite_rs
 
         _granite_rs.convert_gguf(str(src), str(hf))
-    return {"gguf": {k: str(v) for k, v in files.items()}, "hf": str(hf)}
+    # What our worker loads for each weights name: (path, Generator keywords).
+    load = {"f32": [str(hf), {}], "bf16": [str(hf), {"quantize": "bf16"}],
+            **{k: [str(v), {}] for k, v in files.items() if k != "f32"}}
+    return {"gguf": {k: str(v) for k, v in files.items()}, "hf": str(hf), "load": load}
 
 
 def prompt_ids(paths: dict, n: int) -> list:
@@ -117,19 +120,57 @@ def prompt_ids(paths: dict, n: int) -> list:
 
 
 def bandwidth(threads: int) -> float:
-    """Bytes per second that matrix-vector products read, the best of several, on `threads`."""
-    import torch
+    """Bytes per second that matrix-vector products read, the best of several, on `threads`:
+    torch's where it is installed, else numpy's BLAS."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(threads)
+        m, v = torch.randn(1 << 14, 1 << 14), torch.randn(1 << 14)  # 1 GiB
+        product = lambda: torch.mv(m, v)  # noqa: E731
+    else:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+        import numpy as np
 
-    torch.set_num_threads(threads)
-    a = torch.randn(1 << 28, dtype=torch.float32)  # 1 GiB
-    m = a.view(1 << 14, 1 << 14)
-    v = torch.randn(1 << 14)
+        rng = np.random.default_rng(0)
+        m, v = rng.standard_normal((1 << 14, 1 << 14), dtype=np.float32), rng.standard_normal(1 << 14, dtype=np.float32)
+        product = lambda: m @ v  # noqa: E731
     best = float("inf")
     for _ in range(7):
         t0 = time.perf_counter()
-        torch.mv(m, v)
+        product()
         best = min(best, time.perf_counter() - t0)
-    return a.numel() * 4 / best
+    return (1 << 28) * 4 / best
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its matrix-relevant x86 features."""
+    flags = set()
+    name = platform.processor()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8"]
+    return f"{name}, {os.cpu_count()} cores ({', '.join(f for f in wanted if f in flags)})"
+
+
+def llama_plain() -> None:
+    """llama.cpp from here on without its extra buffer types (weight repacking, AMX): its AMX path
+    faults on some VMs (Q4_1 and Q8_0 on an AMX Xeon VM here). Its plain AVX-512/VNNI kernels remain."""
+    import llama_cpp
+
+    default_params = llama_cpp.llama_model_default_params
+
+    def plain():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = plain
 
 
 def worker(engine: str, weights: str, paths: dict, ids: list, new: int, threads: int) -> dict:
@@ -137,12 +178,8 @@ def worker(engine: str, weights: str, paths: dict, ids: list, new: int, threads:
     if engine.startswith("granite-rs"):
         from granite_rs import Generator
 
-        if weights == "f32":
-            g = Generator(paths["hf"], num_threads=threads)
-        elif weights == "bf16":
-            g = Generator(paths["hf"], quantize="bf16", num_threads=threads)
-        else:
-            g = Generator(paths["gguf"][weights], num_threads=threads)
+        path, options = paths["load"][weights]
+        g = Generator(path, num_threads=threads, **options)
         kw = dict(max_new_tokens=new, ignore_eos=True)
         g.generate_ids(ids, max_new_tokens=2, ignore_eos=True)
         r = g.generate_ids(ids, details=True, **kw)
@@ -181,6 +218,8 @@ def worker(engine: str, weights: str, paths: dict, ids: list, new: int, threads:
         import numpy as np
         from llama_cpp import Llama
 
+        if os.environ.get("BENCH_LLAMA_PLAIN"):
+            llama_plain()
         llm = Llama(paths["gguf"][weights], n_ctx=len(ids) + new + 8, n_threads=threads, n_threads_batch=threads,
                     n_batch=len(ids), verbose=False)
 
@@ -263,9 +302,7 @@ def main() -> None:
     def decode(engine, weights):
         return med.get((engine, weights), {}).get("decode_tps")
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"\nMachine: {cpu}, {os.cpu_count()} cores; {args.threads} threads; memory read bandwidth "
+    print(f"\nMachine: {cpu_name()}; {args.threads} threads; memory read bandwidth "
           f"{bw / 1e9:.1f} GB/s (torch.mv on 1 GiB, median of {args.reps} runs).")
     print(f"Model: SmolLM2-135M-Instruct; prompt {len(ids)} tokens, {args.new_tokens} new tokens, greedy, "
           f"batch 1; medians of {args.reps} alternating runs, each in a fresh process.")

@@ -26,21 +26,23 @@ ENGINES = ["granite-rs", "llama.cpp"]
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 1024, 24, 16, 4, 2816, 49152
 
 
-def write_f32_gguf(dst: Path, tokenizer_from: Path) -> None:
+def granite_writer(dst: Path, file_type, shape: tuple, tokenizer_from: Path):
+    """A GGUF writer for a `granite` model of `shape` (hidden, layers, heads, kv heads,
+    intermediate, vocab), with Granite's multipliers and the tokenizer of the GGUF `tokenizer_from`."""
     import gguf
-    import numpy as np
 
+    hidden, layers, heads, kv_heads, intermediate, vocab = shape
     writer = gguf.GGUFWriter(dst, "granite")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(file_type)
     writer.add_context_length(8192)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(INTERMEDIATE)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(10_000_000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(VOCAB)
+    writer.add_vocab_size(vocab)
     for key, value in [("embedding_scale", 12.0), ("residual_scale", 0.22), ("attention.scale", 0.015625),
                        ("logit_scale", 8.0)]:
         writer.add_float32(f"granite.{key}", value)
@@ -49,6 +51,15 @@ def write_f32_gguf(dst: Path, tokenizer_from: Path) -> None:
         if field.name.startswith("tokenizer."):
             sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+    return writer
+
+
+def write_f32_gguf(dst: Path, tokenizer_from: Path) -> None:
+    import gguf
+    import numpy as np
+
+    shape = (HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB)
+    writer = granite_writer(dst, gguf.LlamaFileType.ALL_F32, shape, tokenizer_from)
     rng = np.random.default_rng(0)
 
     def matrix(rows: int, cols: int):
@@ -94,7 +105,7 @@ def prepare(work: Path, threads: int) -> dict:
         if not files[name].exists():
             print(f"quantizing to {name}", file=sys.stderr)
             quantize(f32, files[name], ftype, threads)
-    return {"gguf": {k: str(v) for k, v in files.items()}}
+    return {"gguf": {k: str(v) for k, v in files.items()}, "load": {k: [str(v), {}] for k, v in files.items()}}
 
 
 def main() -> None:

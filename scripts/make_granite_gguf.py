@@ -9,7 +9,7 @@ neither torch nor llama.cpp:
 LLAMA_CPP_DIR is a llama.cpp source tree, e.g. vendor/llama.cpp of the unpacked llama-cpp-python
 sdist. Without it the pinned sdist (SDIST, checked against SDIST_SHA256) is unpacked into a
 temporary directory: the file given by --sdist, or else the one pip's own client fetches by name
-(`python -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`).
+(`python -m pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36`: the sdist only, its build tools as wheels).
 Each fixture in CASES becomes `<case>.gguf` (f32 tensors).
 
 Our fixtures' tokenizer has a pre-tokenizer hash the converter does not know. It is GPT-2's
@@ -37,7 +37,7 @@ GRANITE_KEYS = ["embedding_scale", "residual_scale", "attention.scale", "logit_s
 def download_sdist(tmp: Path) -> Path:
     """The pinned sdist, fetched by name with pip's own client (no wheel, no dependencies) into ``tmp``."""
     dest = tmp / "download"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(dest)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", SDIST, "-d", str(dest)]
     subprocess.run(cmd, check=True)
     archives = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
     if len(archives) != 1:

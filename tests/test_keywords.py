@@ -48,6 +48,7 @@ def test_cli_offers_every_keyword_it_does_not_name_as_left_out():
 def test_cli_choices_are_the_core_lists():
     quantize = flags_of("generate")["quantize"]
     assert list(quantize.choices) == list(_granite_rs.QUANTIZE_NAMES)
+    assert list(flags_of("generate")["matmul_precision"].choices) == list(_granite_rs.MATMUL_PRECISIONS)
     dtype = flags_of("generate")["dtype"]
     for alias, canonical in _granite_rs.DTYPE_NAMES.items():
         assert dtype.type(alias) == canonical

@@ -9,7 +9,7 @@ import numpy.typing as npt
 from typing_extensions import TypedDict, Unpack, disjoint_base
 
 __all__ = [
-    "DTYPE_NAMES", "GENERATION_KEYWORDS", "GenerationResult", "Generator", "GraniteError", "QUANTIZE_NAMES", "Session",
+    "DTYPE_NAMES", "GENERATION_KEYWORDS", "GenerationResult", "Generator", "GraniteError", "MATMUL_PRECISIONS", "QUANTIZE_NAMES", "Session",
     "TextStream", "_Generates", "convert_gguf", "__version__",
 ]
 __version__: str
@@ -24,6 +24,7 @@ Each a dict: ``name``; ``type`` ("int", "float", "bool", "strs": one string or a
 "ints": a list of ints); ``default``; ``nullable`` (whether None is accepted, meaning the
 default); ``range`` (the values accepted, for people); ``doc`` (one line)."""
 QUANTIZE_NAMES: tuple[str, ...]
+MATMUL_PRECISIONS: tuple[str, ...]
 """The values of ``Generator``'s ``quantize``."""
 DTYPE_NAMES: dict[str, str]
 """The names ``Generator``'s ``dtype`` accepts, each to its canonical name."""
@@ -170,6 +171,10 @@ class Generator(_Generates):
     become Q8_0), or ``"none"`` to dequantize a GGUF to the compute dtype. Quantized weights run
     on the CPU. ``num_threads`` sets the CPU threads (default: one per physical core); it is
     process-wide and fixed by the first model loaded (ValueError if a later one asks for another).
+    ``matmul_precision`` ``"fast"`` (default): a prompt's products with bf16 weights round the
+    activations to bf16 where the CPU multiplies bf16 (AMX tiles, AVX512-BF16), as transformers
+    and llama.cpp compute bf16 models (each product exact, f32 sums); ``"exact"``: float32
+    activations in every prompt product. Decode is the same in both.
 
     A Generator is immutable and thread-safe; every call gets its own KV cache, and all model work
     runs with the GIL released.
@@ -199,6 +204,7 @@ class Generator(_Generates):
         dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
         quantize: Optional[Literal["none", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]] = None,
         num_threads: Optional[int] = None,
+        matmul_precision: Optional[Literal["fast", "exact"]] = None,
     ) -> Generator: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""

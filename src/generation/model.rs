@@ -11,7 +11,7 @@ use crate::generation::defaults::GenerationDefaults;
 use crate::generation::sampling::check_finite;
 use crate::generation::threads::pin_thread_count;
 use crate::loading::gguf::Gguf;
-use crate::loading::quantization::Quantization;
+use crate::loading::quantization::{Precision, Quantization};
 use crate::loading::safetensors::Weights;
 use crate::model::granite::{Granite, Logits};
 use crate::text::chat::ChatTemplate;
@@ -47,6 +47,8 @@ pub struct LoadOptions {
     /// Compute dtype; None: float32 on the CPU, bfloat16 on a GPU.
     pub dtype: Option<DType>,
     pub quantization: Quantization,
+    /// How a prompt's activations enter the CPU matrix products.
+    pub precision: Precision,
     /// CPU threads; None: one per physical core. Process-wide, fixed by the first load.
     pub num_threads: Option<usize>,
 }
@@ -65,7 +67,7 @@ impl Generator {
         // bfloat16 on a GPU (its tensor cores), float32 on the CPU (our kernels compute in f32).
         let dtype = opts.dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
         if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-            return Self::load_gguf(path, device, dtype, opts.quantization);
+            return Self::load_gguf(path, device, dtype, opts);
         }
         if !path.is_dir() {
             return Err(Error::NotFound { what: "model directory or .gguf file", path: path.into() });
@@ -74,7 +76,7 @@ impl Generator {
         let defaults = GenerationDefaults::from_dir(path)?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::from_dir(path)?;
-        let weights = Weights::from_dir(path, dtype, device)?.with_quantization(opts.quantization);
+        let weights = Weights::from_dir(path, dtype, device)?.with_quantization(opts.quantization).with_precision(opts.precision);
         let info = ModelInfo {
             format: "HF model directory",
             architecture: config.architectures.first().cloned().or_else(|| config.model_type.clone()),
@@ -86,12 +88,14 @@ impl Generator {
     }
 
     /// A GGUF file: config, tokenizer and chat template from its metadata.
-    fn load_gguf(path: &Path, device: &Device, dtype: DType, quantization: Quantization) -> Result<Self> {
+    fn load_gguf(path: &Path, device: &Device, dtype: DType, opts: &LoadOptions) -> Result<Self> {
         let gguf = Gguf::open(path)?;
         let config = gguf.config()?;
         let tokenizer = crate::text::gguf_tokenizer::tokenizer_from_gguf(gguf.content())?;
         let chat_template = gguf.chat_template()?;
-        let weights = Weights::from_tensors(gguf.weights(&config)?, dtype, device).with_quantization(quantization);
+        let weights = Weights::from_tensors(gguf.weights(&config)?, dtype, device)
+            .with_quantization(opts.quantization)
+            .with_precision(opts.precision);
         let (name, stored_dtype) = gguf.describe();
         let info = ModelInfo {
             format: "GGUF file",

@@ -2,6 +2,9 @@
 
 use candle_core::quantized::GgmlDType;
 
+/// How the projections take a prompt's activations (`matmul_precision=`).
+pub use crate::kernels::cpu::Precision;
+
 /// What loading does to the weight matrices of the projections and embeddings.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub enum Quantization {

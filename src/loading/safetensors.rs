@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::config::read_json;
 use crate::error::{candle_message, Error, Result};
 use crate::loading::mapped::{self, Mapped};
+use crate::kernels::cpu::Precision;
 use crate::loading::quantization::Quantization;
 use crate::loading::weight::Weight;
 
@@ -41,6 +42,7 @@ pub struct Weights {
     dtype: DType,
     device: Device,
     quantization: Quantization,
+    precision: Precision,
 }
 
 enum Source {
@@ -124,16 +126,26 @@ impl Weights {
             dtype,
             device: device.clone(),
             quantization: Quantization::AsStored,
+            precision: Precision::default(),
         })
     }
 
     /// Tensors already loaded, by HF name.
     pub fn from_tensors(tensors: HashMap<String, Weight>, dtype: DType, device: &Device) -> Self {
-        Self { source: Source::Memory(tensors), dtype, device: device.clone(), quantization: Quantization::AsStored }
+        Self { source: Source::Memory(tensors), dtype, device: device.clone(), quantization: Quantization::AsStored, precision: Precision::default() }
     }
 
     pub fn with_quantization(self, quantization: Quantization) -> Self {
         Self { quantization, ..self }
+    }
+
+    /// How the projections built from these weights take a prompt's activations.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Self { precision, ..self }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// A weight matrix (out, in), quantized, mapped or dense as `Quantization` says. Quantized

@@ -73,7 +73,7 @@ impl Granite {
             .map(|i| DecoderLayer::load(w, &format!("model.layers.{i}"), cfg))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.clone(), None)
+            Linear::new(embed_tokens.clone(), None, w.precision())
         } else {
             Linear::load(w, "lm_head", vocab, hidden, false)?
         };

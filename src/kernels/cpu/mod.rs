@@ -1,8 +1,12 @@
 //! The CPU kernels: the weight formats and their matrix products (`gemv` for decode, `gemm` for
 //! prompts), and the element ops (norm, rope, attention, softmax, swiglu), each a portable path
-//! the compiler vectorizes, with x86 builds chosen at run time where the CPU has AVX2+FMA+F16C.
+//! the compiler vectorizes, with x86 builds chosen at run time where the CPU has AVX2+FMA+F16C;
+//! prompts of bf16 weights on AMX or AVX512-BF16 where present (`bf16`).
 
 mod activations;
+#[cfg(target_arch = "x86_64")]
+mod amx;
+pub mod bf16;
 pub(crate) mod attention;
 pub mod formats;
 mod gemm;
@@ -19,7 +23,7 @@ use rayon::prelude::*;
 
 pub(crate) use formats::decode_rows;
 pub use formats::{Part, Rows, GROUP};
-pub use gemm::gemm;
+pub use gemm::{gemm, Precision};
 pub use gemv::gemv;
 
 /// Whether this CPU has AVX2, FMA and F16C, which the fast paths here use.
