@@ -1,5 +1,5 @@
-//! `gemm`, for prompts: bf16 weights on the bf16 kernels where the CPU has them; otherwise tiles
-//! of each weight matrix decoded to f32, then candle's gemm.
+//! `gemm`, for prompts: every format but f32 on the bf16 kernels where the CPU has them (Fast);
+//! otherwise tiles of each weight matrix decoded to f32, then candle's gemm.
 
 use super::bf16::{self, Kernel, Packed};
 use super::formats::{checked, decode_rows, Part, Rows};
