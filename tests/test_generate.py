@@ -191,8 +191,11 @@ def test_bf16_checkpoint_is_read_in_place(tmp_path):
     # bf16 (a relative error of 2^-9 each), elsewhere it is "exact".
     fast = Generator(half_dir)
     assert np.abs(fast.logits(ids) - want).max() < 2e-2 * np.abs(want).max()
+    # "int8" changes only GGUF block weights: a bf16 model is as "fast".
+    int8 = Generator(half_dir, matmul_precision="int8")
+    assert np.array_equal(int8.logits(ids), fast.logits(ids))
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
-        Generator(half_dir, matmul_precision="bf16")
+        Generator(half_dir, matmul_precision="int4")
 
 
 def test_quantize_and_weight_types(tmp_path):

@@ -171,10 +171,13 @@ class Generator(_Generates):
     become Q8_0), or ``"none"`` to dequantize a GGUF to the compute dtype. Quantized weights run
     on the CPU. ``num_threads`` sets the CPU threads (default: one per physical core); it is
     process-wide and fixed by the first model loaded (ValueError if a later one asks for another).
-    ``matmul_precision`` ``"fast"`` (default): a prompt's products with bf16 weights round the
-    activations to bf16 where the CPU multiplies bf16 (AMX tiles, AVX512-BF16), as transformers
-    and llama.cpp compute bf16 models (each product exact, f32 sums); ``"exact"``: float32
-    activations in every prompt product. Decode is the same in both.
+    ``matmul_precision`` ``"fast"`` (default): a prompt's products round the activations to
+    bf16 where the CPU multiplies bf16 (AMX tiles, AVX512-BF16), as transformers and llama.cpp
+    compute bf16 models (each product exact, f32 sums), and non-bf16 weights too; ``"int8"``:
+    for GGUF block weights (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) where the CPU has AVX512-VNNI,
+    the activations rounded to 8-bit integers per 32 as llama.cpp computes them (faster, and
+    coarser: greedy tokens may differ), the others as ``"fast"``; ``"exact"``: float32
+    activations in every prompt product. Decode is the same in all three.
 
     A Generator is immutable and thread-safe; every call gets its own KV cache, and all model work
     runs with the GIL released.
@@ -204,7 +207,7 @@ class Generator(_Generates):
         dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
         quantize: Optional[Literal["none", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]] = None,
         num_threads: Optional[int] = None,
-        matmul_precision: Optional[Literal["fast", "exact"]] = None,
+        matmul_precision: Optional[Literal["fast", "int8", "exact"]] = None,
     ) -> Generator: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""

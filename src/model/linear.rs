@@ -119,8 +119,8 @@ fn project(parts: &[Weight], x: &Tensor, precision: Precision) -> Result<Tensor>
     // kernel most k-quants to candle's quantized matmul).
     let few = m <= GEMV_MAX_ROWS;
     let gemv_reads = parts.iter().all(|w| w.stored_type().is_none_or(|t| EXACT.contains(&t)));
-    // With a bf16 kernel, every stored format's prompts run on it (`cpu::gemm`, Fast).
-    let bf16 = precision == Precision::Fast && cpu::bf16::kernel() != cpu::bf16::Kernel::None;
+    // With a bf16 kernel, every stored format's prompts run on it or on the int8 one (`cpu::gemm`).
+    let bf16 = precision != Precision::Exact && cpu::bf16::kernel() != cpu::bf16::Kernel::None;
     let tiled = parts.iter().all(|w| w.stored_type().is_some_and(|t| bf16 || EXACT.contains(&t) || TILED.contains(&t)));
     if x.device().is_cpu() && k.is_multiple_of(cpu::GROUP) && if few { gemv_reads } else { tiled } {
         let y = with_all_rows(parts, Vec::new(), |rows| -> Result<Tensor> {

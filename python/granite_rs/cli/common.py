@@ -81,8 +81,9 @@ def add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help=f"convert the weight matrices at load: {quantized}, or none (dequantize a GGUF); "
                         "default: as stored")
     g.add_argument("--matmul-precision", metavar="P", default=default, choices=MATMUL_PRECISIONS,
-                   help="fast (default): prompts of bf16 weights round the activations to bf16 where the CPU "
-                        "multiplies bf16 (AMX, AVX512-BF16); exact: always float32 activations")
+                   help="fast (default): prompts round the activations to bf16 where the CPU multiplies bf16 "
+                        "(AMX, AVX512-BF16); int8: to 8-bit integers for GGUF block weights (AVX512-VNNI, "
+                        "llama.cpp's numerics); ""exact: always float32 activations")
     g.add_argument("--threads", type=int, metavar="N", default=default,
                    help="CPU threads (default: one per physical core)")
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,

@@ -1,7 +1,9 @@
-//! `gemm`, for prompts: every format but f32 on the bf16 kernels where the CPU has them (Fast);
-//! otherwise tiles of each weight matrix decoded to f32, then candle's gemm.
+//! `gemm`, for prompts: every format but f32 on the bf16 kernels where the CPU has them (Fast),
+//! GGUF block types on the int8 kernel if asked (Int8); otherwise tiles of each weight matrix decoded to
+//! f32, then candle's gemm.
 
 use super::bf16::{self, Kernel, Packed};
+use super::int8::{self, Quantized};
 use super::formats::{checked, decode_rows, Part, Rows};
 use super::Out;
 
@@ -13,13 +15,18 @@ pub enum Precision {
     /// computes bf16 models. f32 weights, and CPUs without those units, as Exact.
     #[default]
     Fast,
+    /// For Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K weights where the CPU has AVX512-VNNI: rounded
+    /// to 8-bit integers per 32 (as llama.cpp computes them), faster than Fast and coarser; the
+    /// other weights as Fast.
+    Int8,
     /// Always f32: the products of the weights' exact values and the activations as they are.
     Exact,
 }
 
 impl Precision {
     /// The names `parse` takes, with what each means: the one list of them.
-    pub const NAMES: [(&'static str, Precision); 2] = [("fast", Precision::Fast), ("exact", Precision::Exact)];
+    pub const NAMES: [(&'static str, Precision); 3] =
+        [("fast", Precision::Fast), ("int8", Precision::Int8), ("exact", Precision::Exact)];
 
     /// A name of `NAMES`; an unknown one is an error that lists them.
     pub fn parse(name: &str) -> Result<Self, String> {
@@ -31,18 +38,23 @@ impl Precision {
     }
 }
 
-/// `gemv` for many activation rows (a prompt). When `precision` is Fast and the CPU has a bf16
-/// kernel, every matrix but f32 ones is multiplied at bf16 against x rounded to bf16
-/// (`bf16::gemm`); the others in tiles of rows, each small enough to stay in cache, decoded to f32 and
+/// `gemv` for many activation rows (a prompt). When `precision` is Int8 and the CPU has the int8
+/// kernel, block matrices it reads are multiplied against x rounded to 8 bits (`int8::gemm`);
+/// when Fast or Int8 and the CPU has a bf16 kernel, the other matrices but f32 ones at bf16
+/// against x rounded to bf16 (`bf16::gemm`); the others in tiles of rows, each small enough to stay in cache, decoded to f32 and
 /// multiplied by gemm, the tiles split over rayon's threads.
 pub fn gemm(parts: &[Part], k: usize, x: &[f32], out: &mut [f32], precision: Precision) -> Result<(), String> {
     let stride = checked(parts, k, x, out)?;
-    let kernel = if precision == Precision::Fast { bf16::kernel() } else { Kernel::None };
-    let mut packed = None;
+    let kernel = if precision == Precision::Exact { Kernel::None } else { bf16::kernel() };
+    let integers = precision == Precision::Int8 && int8::available();
+    let (mut packed, mut quantized) = (None, None);
     let mut out = Out(out.as_mut_ptr());
     for &(w, n) in parts {
         match w {
             Rows::F32(_) => gemm_part(w, n, k, x, out, stride),
+            _ if integers && int8::reads(w) => {
+                int8::gemm(w, n, k, quantized.get_or_insert_with(|| Quantized::new(x, k)), out, stride)
+            }
             _ if kernel == Kernel::None => gemm_part(w, n, k, x, out, stride),
             _ => bf16::gemm(kernel, w, n, k, packed.get_or_insert_with(|| Packed::new(x, k)), out, stride),
         }

@@ -11,6 +11,7 @@ pub(crate) mod attention;
 pub mod formats;
 mod gemm;
 mod gemv;
+mod int8;
 pub(crate) mod norm;
 pub(crate) mod prefill;
 pub(crate) mod rope;
