@@ -11,9 +11,8 @@
 use std::cell::RefCell;
 
 use candle_core::quantized::GgmlDType;
-use half::f16;
 
-use super::formats::{Rows, GROUP};
+use super::formats::{half_at, Rows, GROUP};
 use super::Out;
 
 /// Tokens side by side: one 512-bit register of i32.
@@ -70,24 +69,21 @@ impl Format {
 
     /// Weights per block, and bytes per block.
     fn block(self) -> (usize, usize) {
-        match self {
-            Format::Q4_0 => (32, 18),
-            Format::Q4_1 => (32, 20),
-            Format::Q8_0 => (32, 34),
-            Format::Q4K => (256, 144),
-            Format::Q5K => (256, 176),
-            Format::Q6K => (256, 210),
-        }
+        let t = match self {
+            Format::Q4_0 => GgmlDType::Q4_0,
+            Format::Q4_1 => GgmlDType::Q4_1,
+            Format::Q8_0 => GgmlDType::Q8_0,
+            Format::Q4K => GgmlDType::Q4K,
+            Format::Q5K => GgmlDType::Q5K,
+            Format::Q6K => GgmlDType::Q6K,
+        };
+        (t.block_size(), t.type_size())
     }
 }
 
 /// Whether `int8::gemm` reads this matrix.
 pub fn reads(w: Rows) -> bool {
     Format::of(w).is_some()
-}
-
-fn half_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// The k-quants' 6-bit scale and min of sub-block j (llama.cpp's `get_scale_min_k4`).
@@ -292,10 +288,11 @@ impl Quantized {
                             q[(g * 8 + quad) * TOKENS + t] = u32::from_le_bytes(bytes);
                         }
                         let half = |h: usize| ints[16 * h..16 * h + 16].iter().map(|&v| v as i32).sum::<i32>() as f32 * scale;
+                        let (first, second) = (half(0), half(1));
                         d[g * TOKENS + t] = scale;
-                        halves[(g * 2) * TOKENS + t] = half(0);
-                        halves[(g * 2 + 1) * TOKENS + t] = half(1);
-                        sum[g * TOKENS + t] = half(0) + half(1);
+                        halves[(g * 2) * TOKENS + t] = first;
+                        halves[(g * 2 + 1) * TOKENS + t] = second;
+                        sum[g * TOKENS + t] = first + second;
                     }
                 }
             });
