@@ -10,7 +10,7 @@ const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 /// The GPU of the `_on_cuda` tests, which are ignored unless asked for (`-- --ignored`); without
 /// the `cuda` feature or a usable GPU they fail.
 fn cuda() -> Device {
-    Device::new_cuda(0).expect("the _on_cuda tests need the `cuda` feature and a usable GPU")
+    Device::new_cuda_with_stream(0).expect("the _on_cuda tests need the `cuda` feature and a usable GPU")
 }
 
 /// Each op's test on the CPU, and its CUDA kernel against the CPU path as an ignored test.
@@ -33,6 +33,7 @@ cpu_and_cuda!(check_rms_norm: rms_norm_and_add_rms_norm, rms_norm_and_add_rms_no
 cpu_and_cuda!(check_swiglu: swiglu, swiglu_on_cuda);
 cpu_and_cuda!(check_rope_write_kv: rope_write_kv, rope_write_kv_on_cuda);
 cpu_and_cuda!(check_decode_attention: decode_attention, decode_attention_on_cuda);
+cpu_and_cuda!(check_greedy: greedy, greedy_on_cuda);
 
 fn randn(shape: &[usize], dtype: DType, seed: u64) -> Result<Tensor> {
     // A fixed, cheap pseudo-random sequence: tests stay reproducible without a seeded device RNG.
@@ -198,6 +199,9 @@ fn check_decode_attention(gpu: Option<Device>) -> Result<()> {
         (3, 6, 1, 32, 10, 10),
         (1, 8, 8, 256, 70, 69),
         (2, 4, 2, 96, 3000, 2049),
+        (1, 16, 1, 64, 130, 129),  // a group of 16 query heads: two blocks per kv head
+        (2, 40, 8, 128, 300, 300), // groups of 5 (granite-4.0-micro)
+        (1, 12, 1, 80, 66, 65),    // a group of 12: blocks of 8 and 4 heads
     ];
     for dtype in DTYPES {
         for (i, &(b, nh, nkv, d, cap, len)) in cases.iter().enumerate() {
@@ -227,6 +231,41 @@ fn check_decode_attention(gpu: Option<Device>) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The first index of the largest logit (exact ties as bf16 logits make them), and whether all are
+/// finite: over 49152 logits, with the maxima spread over the threads of the CUDA kernel.
+fn check_greedy(gpu: Option<Device>) -> Result<()> {
+    let n = 49152;
+    let base = |i: usize| ((i * 7919) % 1000) as f32 / 1000.0;
+    let with = |set: &[(usize, f32)]| {
+        let mut v: Vec<f32> = (0..n).map(base).collect();
+        for &(i, x) in set {
+            v[i] = x;
+        }
+        v
+    };
+    // (logits, expected pick, all finite)
+    let cases = [
+        (with(&[(40000, 5.0)]), 40000, true),
+        (with(&[(30001, 5.0), (1025, 5.0), (48000, 5.0)]), 1025, true), // ties: the first
+        (with(&[(7, 5.0), (8, 5.0)]), 7, true),
+        (with(&[(3, f32::NAN), (9, 5.0)]), 9, false), // NaN never wins, and is reported
+        (with(&[(5, f32::INFINITY)]), 5, false),
+        (vec![f32::NEG_INFINITY; n], 0, false),
+        (vec![2.5; 1], 0, true),
+        (vec![-1.0, 3.0, 3.0], 1, true),
+    ];
+    for (i, (logits, pick, finite)) in cases.iter().enumerate() {
+        let x = Tensor::new(logits.as_slice(), &Device::Cpu)?;
+        assert_eq!(kernels::greedy(&x)?, (*pick, *finite), "case {i} on the CPU");
+        if let Some(dev) = &gpu {
+            assert_eq!(kernels::greedy(&x.to_device(dev)?)?, (*pick, *finite), "case {i} on CUDA");
+        }
+    }
+    let bf16 = Tensor::new(&[1f32, 2.0], &Device::Cpu)?.to_dtype(DType::BF16)?;
+    assert!(kernels::greedy(&bf16).is_err(), "only f32 logits");
     Ok(())
 }
 

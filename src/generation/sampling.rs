@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::generation::params::SamplingParams;
+use crate::model::first_max;
 
 pub struct Sampler {
     params: SamplingParams,
@@ -37,7 +38,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) -> Result<u32> {
         self.process(logits, prompt, generated)?;
         if !self.params.do_sample {
-            return Ok(argmax(logits));
+            return Ok(first_max(logits).0);
         }
         Ok(self.draw(&softmax(logits)))
     }
@@ -118,17 +119,6 @@ pub fn check_finite(logits: &[f32], dtype: DType) -> Result<()> {
         }
         _ => format!("the model produced {kind} logits"),
     }))
-}
-
-/// The first index of the largest value.
-pub fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in xs.iter().enumerate() {
-        if *x > xs[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// transformers' RepetitionPenaltyLogitsProcessor: the scores of tokens seen in the prompt or

@@ -152,11 +152,12 @@ impl Sequence {
         let opts = ForwardOptions { cancel: Some(&self.cancel), ..Default::default() };
         let logits = model.forward_with(&input, Some(&mut self.cache), Logits::Last, &opts)?.flatten_all()?;
         let token = if !model.device().is_cpu() && self.top_logprobs.is_none() && self.sampler.is_plain_greedy() {
-            // On a GPU: the argmax and a finiteness check on the device; two scalars cross, not the vocabulary.
-            if !logits.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            // On a GPU: the pick and a finiteness check on the device; two numbers cross, not the vocabulary.
+            let (token, finite) = crate::model::greedy(&logits)?;
+            if !finite {
                 check_finite(&logits.to_vec1::<f32>()?, model.dtype())?;
             }
-            logits.argmax(0)?.to_scalar::<u32>()?
+            token
         } else {
             let mut logits = logits.to_vec1::<f32>()?;
             check_finite(&logits, model.dtype())?;

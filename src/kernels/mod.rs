@@ -6,8 +6,8 @@
 //!
 //! Kernels are leaves: nothing here imports model, generation or Python code.
 //!
-//! Greedy sampling on the GPU needs no op of ours: candle's `argmax` runs on the device
-//! (`logits.argmax(D::Minus1)?.to_vec1::<u32>()` copies one u32 per row to the host).
+//! `greedy` picks a token on the device: candle's `argmax` there does not return the first of
+//! equal maxima, which exact ties in bf16 logits make matter.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -15,9 +15,10 @@ mod cuda;
 mod dtype;
 mod shapes;
 
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor, D};
 
 use cpu::attention::DecodeAttention;
+use cpu::greedy::Greedy;
 use cpu::norm::RmsNorm;
 use cpu::prefill::PrefillAttention;
 use cpu::rope::{CacheWrite, Rope};
@@ -114,6 +115,18 @@ pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, scale
         bail!("prefill_attention: q, k and v need a last stride of 1, on the CPU");
     }
     q.apply_op3_no_bwd(k, v, &PrefillAttention { start, scale: scale as f32 })
+}
+
+/// Greedy decoding's pick from f32 logits (vocab,) on any device: the first index of the largest
+/// value (as transformers' argmax), and whether every value is finite, in one transfer to the host.
+pub fn greedy(logits: &Tensor) -> Result<(u32, bool)> {
+    if logits.rank() != 1 || logits.dtype() != DType::F32 {
+        bail!("greedy: f32 logits (vocab,) expected, got {:?} {:?}", logits.dtype(), logits.shape());
+    }
+    match logits.contiguous()?.apply_op1_no_bwd(&Greedy)?.to_vec1::<u32>()?[..] {
+        [token, finite] => Ok((token, finite == 1)),
+        _ => bail!("greedy: expected two results"),
+    }
 }
 
 /// silu(gate) * up for gate_up (..., 2 * n), gate the first half; contiguous.

@@ -185,8 +185,10 @@ impl Granite {
             .collect();
         let (mut x, mut h) = (x.clone(), kernels::rms_norm(&x, norms[0], eps)?);
         for (i, layer) in self.layers.iter().enumerate() {
-            // A cancelled forward leaves the cache length as it was: what it wrote is overwritten later.
+            // A cancelled forward leaves the cache length as it was: what it wrote is overwritten
+            // later. Its queued GPU work finishes before the cache is handed on.
             if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                self.device.synchronize()?;
                 return Err(Error::Cancelled);
             }
             let attn = layer.self_attn.forward(&h, &pos, cache.as_deref_mut().map(|c| (c, i)))?;

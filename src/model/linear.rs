@@ -1,6 +1,7 @@
 //! Projections `x · wᵀ + b` over dense, GGUF-quantized or memory-mapped weights. Decode (a few
 //! rows) goes through `gemv`, which streams the weights once; longer inputs through `gemm`
-//! (stored formats), candle's matmul (dense weights) or candle's quantized matmul (the k-quants).
+//! (stored formats), candle's matmul (dense weights) or candle's quantized matmul (the k-quants
+//! where our kernels do not read them).
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Module, Tensor, D};
@@ -114,14 +115,17 @@ fn project(parts: &[Weight], x: &Tensor, precision: Precision) -> Result<Tensor>
     let k = last;
     out_dims.push(n);
     let m = x.elem_count() / k.max(1);
-    // Ours: gemv for a few rows (not the k-quants); for more, gemm on the bf16 kernels or decoded
+    // Ours: gemv for a few rows (the k-quants where the CPU has the int8 kernels); for more, gemm on the bf16 kernels or decoded
     // tiles of stored formats (dense weights go straight to candle's matmul, and without a bf16
     // kernel most k-quants to candle's quantized matmul).
     let few = m <= GEMV_MAX_ROWS;
-    let gemv_reads = parts.iter().all(|w| w.stored_type().is_none_or(|t| EXACT.contains(&t)));
+    let gemv_reads = parts.iter().all(|w| w.stored_type().is_none_or(cpu::gemv_reads));
     // With a bf16 kernel, every stored format's prompts run on it or on the int8 one (`cpu::gemm`).
     let bf16 = precision != Precision::Exact && cpu::bf16::kernel() != cpu::bf16::Kernel::None;
-    let tiled = parts.iter().all(|w| w.stored_type().is_some_and(|t| bf16 || EXACT.contains(&t) || TILED.contains(&t)));
+    let int8 = precision == Precision::Int8;
+    let tiled = parts.iter().all(|w| {
+        w.stored_type().is_some_and(|t| bf16 || EXACT.contains(&t) || TILED.contains(&t) || int8 && cpu::int8::reads(t))
+    });
     if x.device().is_cpu() && k.is_multiple_of(cpu::GROUP) && if few { gemv_reads } else { tiled } {
         let y = with_all_rows(parts, Vec::new(), |rows| -> Result<Tensor> {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

@@ -9,3 +9,7 @@ pub mod linear;
 mod mask;
 mod mlp;
 pub(crate) mod rope;
+
+/// Greedy decoding's pick, the first of equal maxima as transformers takes it: on the logits'
+/// device (`greedy`) or over logits read back (`first_max`).
+pub(crate) use crate::kernels::{cpu::greedy::first_max, greedy};

@@ -35,7 +35,9 @@ fn device(name: &str) -> Result<Device> {
                 .into(),
         ));
     }
-    Ok(Device::new_cuda(ordinal)?)
+    // One stream for every host thread: loading and cache growth run on the caller's thread and
+    // the forward on a worker, and candle's default (a stream per host thread) would not order them.
+    Ok(Device::new_cuda_with_stream(ordinal)?)
 }
 
 /// The generating methods of `Generator` and `Session`: what a call runs on is the model, and

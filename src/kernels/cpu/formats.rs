@@ -75,6 +75,19 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// How the weights are stored.
+    pub fn format(self) -> GgmlDType {
+        match self {
+            Rows::F32(_) => GgmlDType::F32,
+            Rows::F16(_) => GgmlDType::F16,
+            Rows::BF16(_) => GgmlDType::BF16,
+            Rows::Q4_0(_) => GgmlDType::Q4_0,
+            Rows::Q4_1(_) => GgmlDType::Q4_1,
+            Rows::Q8_0(_) => GgmlDType::Q8_0,
+            Rows::Other(t, _) => t,
+        }
+    }
+
     /// The matrix's memory.
     pub fn bytes(self) -> &'a [u8] {
         match self {

@@ -52,7 +52,7 @@ pub fn gemm(parts: &[Part], k: usize, x: &[f32], out: &mut [f32], precision: Pre
     for &(w, n) in parts {
         match w {
             Rows::F32(_) => gemm_part(w, n, k, x, out, stride),
-            _ if integers && int8::reads(w) => {
+            _ if integers && int8::reads(w.format()) => {
                 int8::gemm(w, n, k, quantized.get_or_insert_with(|| Quantized::new(x, k)), out, stride)
             }
             _ if kernel == Kernel::None => gemm_part(w, n, k, x, out, stride),

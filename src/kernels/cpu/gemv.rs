@@ -6,13 +6,18 @@
 //!   integers with one f32 scale (`Activations`), so a block's dot product is exact integer
 //!   arithmetic, then scaled. The activations' rounding error is at most 2^-16 of their block's
 //!   largest magnitude: far below llama.cpp's 8-bit activations, near f32.
+//! - The k-quants Q4_K, Q5_K and Q6_K, where the CPU has AVX512-VNNI, against activations
+//!   rounded to 8 bits per 32 (`int8::gemv_job`), as llama.cpp's and candle's are (per 256).
 
 use std::ops::Range;
+
+use candle_core::quantized::GgmlDType;
 
 use super::activations::Activations;
 #[cfg(target_arch = "x86_64")]
 use super::formats::evens_then_odds;
 use super::formats::{checked, half_at, Blocks, Dense, Part, Rows, BF16, F16, F32, GROUP, Q4_0, Q4_1, Q8_0};
+use super::int8;
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::Out;
@@ -158,13 +163,19 @@ fn block_job<'a, B: Blocks>(
     }
 }
 
+/// Whether `gemv` reads weights stored as `t` on this CPU.
+pub fn reads(t: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(t, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q8_0) || int8::decodes(t)
+}
+
 /// out (m, Σn) = x (m, k) · [w₁; w₂; ...]ᵀ for matrices of n rows of k stacked along the output.
 /// k must be a multiple of 32 and every slice must have its exact size; otherwise nothing is
 /// computed and the error says why.
 pub fn gemv(parts: &[Part], k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
     let stride = checked(parts, k, x, out)?;
-    if let Some((Rows::Other(t, _), _)) = parts.iter().find(|(w, _)| matches!(w, Rows::Other(..))) {
-        return Err(format!("gemv does not read {t:?} blocks"));
+    if let Some((Rows::Other(t, _), _)) = parts.iter().find(|(w, _)| matches!(w, Rows::Other(t, _) if !int8::decodes(*t))) {
+        return Err(format!("gemv does not read {t:?} blocks on this CPU"));
     }
     let mut out = Out(out.as_mut_ptr());
     let jobs: Vec<Job> = parts
@@ -178,7 +189,7 @@ pub fn gemv(parts: &[Part], k: usize, x: &[f32], out: &mut [f32]) -> Result<(), 
                 Rows::Q4_0(_) => Box::new(block_job::<Q4_0>(b, k, x, out, stride)),
                 Rows::Q4_1(_) => Box::new(block_job::<Q4_1>(b, k, x, out, stride)),
                 Rows::Q8_0(_) => Box::new(block_job::<Q8_0>(b, k, x, out, stride)),
-                Rows::Other(..) => unreachable!("rejected above"),
+                Rows::Other(..) => Box::new(int8::gemv_job(w, k, x, out, stride)),
             };
             // SAFETY: the parts' rows add up to `stride` columns.
             out = Out(unsafe { out.ptr().add(rows) });

@@ -11,7 +11,8 @@ pub(crate) mod attention;
 pub mod formats;
 mod gemm;
 mod gemv;
-mod int8;
+pub(crate) mod greedy;
+pub(crate) mod int8;
 pub(crate) mod norm;
 pub(crate) mod prefill;
 pub(crate) mod rope;
@@ -25,7 +26,7 @@ use rayon::prelude::*;
 pub(crate) use formats::decode_rows;
 pub use formats::{Part, Rows, GROUP};
 pub use gemm::{gemm, Precision};
-pub use gemv::gemv;
+pub use gemv::{gemv, reads as gemv_reads};
 
 /// Whether this CPU has AVX2, FMA and F16C, which the fast paths here use.
 pub(crate) fn avx2() -> bool {

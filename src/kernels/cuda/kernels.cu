@@ -104,11 +104,14 @@ __device__ void rope_write(const T *src, T *dst, const T *cos, const T *sin, uin
 
 #define ATTN_MAX_D 256
 #define ATTN_WARPS 4
+#define ATTN_GROUP 8
 
-// Flash-decoding, one query per (batch, head). Grid (b * nh, splits); block ATTN_WARPS warps.
+// Flash-decoding, one query per (batch, head). Grid (b * nkv * head_blocks, splits), block ATTN_WARPS
+// warps: a block takes one kv head and up to ATTN_GROUP of the query heads that share it (head_blocks
+// = ceil(group / ATTN_GROUP) blocks per kv head), so it reads each cached row once for all of them.
 // Split s covers keys [s * chunk, min(len, (s + 1) * chunk)); each warp takes every ATTN_WARPS-th
-// key with an online softmax, lanes splitting the head dim. With one split the block writes
-// `out`; otherwise it writes (max, sum, acc[d]) to `partial` for attention_combine.
+// key with an online softmax per head, lanes splitting the head dim. With one split the block
+// writes `out`; otherwise it writes (max, sum, acc[d]) per head to `partial` for attention_combine.
 // q (b, nh, d) strides q0, q1; caches (b, nkv, cap, d) strides c0, c1, c2 (last 1).
 template <typename T>
 __device__ void decode_attention(const T *q, const T *k, const T *v, T *out, float *partial,
@@ -116,59 +119,82 @@ __device__ void decode_attention(const T *q, const T *k, const T *v, T *out, flo
                                  size_t c0, size_t c1, size_t c2, uint32_t len, uint32_t chunk,
                                  float scale) {
     constexpr int PER_LANE = ATTN_MAX_D / 32;
-    __shared__ float s_q[ATTN_MAX_D];
-    __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
-    __shared__ float s_acc[ATTN_WARPS][ATTN_MAX_D];
-    const uint32_t bh = blockIdx.x, bi = bh / nh, hi = bh % nh, kvh = hi / (nh / nkv);
+    __shared__ float s_q[ATTN_GROUP][ATTN_MAX_D];
+    __shared__ float s_m[ATTN_WARPS][ATTN_GROUP], s_l[ATTN_WARPS][ATTN_GROUP];
+    __shared__ float s_acc[ATTN_WARPS][ATTN_GROUP][ATTN_MAX_D];
+    const uint32_t group = nh / nkv, head_blocks = (group + ATTN_GROUP - 1) / ATTN_GROUP;
+    const uint32_t bi = blockIdx.x / (nkv * head_blocks), kvh = blockIdx.x / head_blocks % nkv;
+    const uint32_t h0 = kvh * group + blockIdx.x % head_blocks * ATTN_GROUP; // the block's first head
+    const uint32_t heads = min(ATTN_GROUP, (kvh + 1) * group - h0);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) s_q[i] = to_f32(q[bi * q0 + hi * q1 + i]) * scale;
+    for (uint32_t x = threadIdx.x; x < heads * d; x += blockDim.x)
+        s_q[x / d][x % d] = to_f32(q[bi * q0 + (h0 + x / d) * q1 + x % d]) * scale;
     __syncthreads();
     const T *kb = k + bi * c0 + kvh * c1, *vb = v + bi * c0 + kvh * c1;
     const uint32_t start = blockIdx.y * chunk, end = min(len, start + chunk);
-    float m = -INFINITY, l = 0.0f, acc[PER_LANE];
+    float m[ATTN_GROUP], l[ATTN_GROUP], acc[ATTN_GROUP][PER_LANE];
 #pragma unroll
-    for (int j = 0; j < PER_LANE; j++) acc[j] = 0.0f;
+    for (int g = 0; g < ATTN_GROUP; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; j++) acc[g][j] = 0.0f;
+    }
     for (uint32_t p = start + warp; p < end; p += ATTN_WARPS) {
         const T *kr = kb + p * c2, *vr = vb + p * c2;
-        float s = 0.0f;
+        float kx[PER_LANE], vx[PER_LANE];
 #pragma unroll
         for (int j = 0; j < PER_LANE; j++) {
             const uint32_t i = lane + 32 * j;
-            if (i < d) s += s_q[i] * to_f32(kr[i]);
+            kx[j] = i < d ? to_f32(kr[i]) : 0.0f;
+            vx[j] = i < d ? to_f32(vr[i]) : 0.0f;
         }
-        s = warp_sum(s);
-        const float m_new = fmaxf(m, s), corr = expf(m - m_new), e = expf(s - m_new);
-        l = l * corr + e;
 #pragma unroll
-        for (int j = 0; j < PER_LANE; j++) {
-            const uint32_t i = lane + 32 * j;
-            if (i < d) acc[j] = acc[j] * corr + e * to_f32(vr[i]);
+        for (int g = 0; g < ATTN_GROUP; g++) {
+            if (g >= heads) break; // the same for the whole block
+            float s = 0.0f;
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++) {
+                const uint32_t i = lane + 32 * j;
+                if (i < d) s += s_q[g][i] * kx[j];
+            }
+            s = warp_sum(s);
+            const float m_new = fmaxf(m[g], s), corr = expf(m[g] - m_new), e = expf(s - m_new);
+            l[g] = l[g] * corr + e;
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++) acc[g][j] = acc[g][j] * corr + e * vx[j];
+            m[g] = m_new;
         }
-        m = m_new;
     }
-    if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
 #pragma unroll
-    for (int j = 0; j < PER_LANE; j++) {
-        const uint32_t i = lane + 32 * j;
-        if (i < d) s_acc[warp][i] = acc[j];
+    for (int g = 0; g < ATTN_GROUP; g++) {
+        if (lane == 0) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
+#pragma unroll
+        for (int j = 0; j < PER_LANE; j++) {
+            const uint32_t i = lane + 32 * j;
+            if (i < d) s_acc[warp][g][i] = acc[g][j];
+        }
     }
     __syncthreads();
-    // Merge the warps: a warp that saw no key has m = -inf and weight 0.
-    float mb = -INFINITY;
-    for (int w = 0; w < ATTN_WARPS; w++) mb = fmaxf(mb, s_m[w]);
-    float lb = 0.0f, wt[ATTN_WARPS];
-    for (int w = 0; w < ATTN_WARPS; w++) {
-        wt[w] = s_m[w] == -INFINITY ? 0.0f : expf(s_m[w] - mb);
-        lb += s_l[w] * wt[w];
+    // Merge the warps per head: a warp that saw no key has m = -inf and weight 0.
+    for (uint32_t x = threadIdx.x; x < heads * d; x += blockDim.x) {
+        const uint32_t g = x / d, i = x % d;
+        float mb = -INFINITY;
+        for (int w = 0; w < ATTN_WARPS; w++) mb = fmaxf(mb, s_m[w][g]);
+        float lb = 0.0f, a = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            const float wt = s_m[w][g] == -INFINITY ? 0.0f : expf(s_m[w][g] - mb);
+            lb += s_l[w][g] * wt;
+            a += s_acc[w][g][i] * wt;
+        }
+        const size_t bh = (size_t)bi * nh + h0 + g, o = bh * gridDim.y + blockIdx.y;
+        if (gridDim.y == 1) {
+            out[bh * d + i] = from_f32<T>(a / lb);
+        } else {
+            partial[o * (d + 2) + 2 + i] = a;
+            if (i == 0) { partial[o * (d + 2)] = mb; partial[o * (d + 2) + 1] = lb; }
+        }
     }
-    const size_t o = (size_t)bh * gridDim.y + blockIdx.y;
-    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) {
-        float a = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; w++) a += s_acc[w][i] * wt[w];
-        if (gridDim.y == 1) out[(size_t)bh * d + i] = from_f32<T>(a / lb);
-        else partial[o * (d + 2) + 2 + i] = a;
-    }
-    if (gridDim.y > 1 && threadIdx.x == 0) { partial[o * (d + 2)] = mb; partial[o * (d + 2) + 1] = lb; }
 }
 
 // Merges the `splits` partial results of each (batch, head): one block per (batch, head).
@@ -184,6 +210,38 @@ __device__ void attention_combine(const float *partial, T *out, uint32_t d, uint
         float a = 0.0f;
         for (uint32_t s = 0; s < splits; s++) a += p[s * (d + 2) + 2 + i] * expf(p[s * (d + 2)] - mx);
         out[bh * d + i] = from_f32<T>(a / l);
+    }
+}
+
+// Greedy decoding's pick from n f32 logits: out[0] = the first index of the largest value (NaN
+// never wins), out[1] = 1 if every value is finite. One block of 1024 threads.
+__device__ __forceinline__ void keep_first_max(float &best, uint32_t &at, float v, uint32_t i) {
+    if (v > best || (v == best && i < at)) { best = v; at = i; }
+}
+
+extern "C" __global__ void greedy_f32(const float *x, uint32_t n, uint32_t *out) {
+    __shared__ float s_best[32];
+    __shared__ uint32_t s_at[32];
+    float best = -INFINITY;
+    uint32_t at = UINT32_MAX;
+    int finite = 1;
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
+        finite &= isfinite(x[i]);
+        keep_first_max(best, at, x[i], i);
+    }
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        keep_first_max(best, at, __shfl_xor_sync(0xffffffff, best, o), __shfl_xor_sync(0xffffffff, at, o));
+    if (lane == 0) { s_best[warp] = best; s_at[warp] = at; }
+    finite = __syncthreads_and(finite);
+    if (warp == 0) {
+        best = lane < blockDim.x / 32 ? s_best[lane] : -INFINITY;
+        at = lane < blockDim.x / 32 ? s_at[lane] : UINT32_MAX;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            keep_first_max(best, at, __shfl_xor_sync(0xffffffff, best, o), __shfl_xor_sync(0xffffffff, at, o));
+        if (lane == 0) { out[0] = at == UINT32_MAX ? 0 : at; out[1] = finite; }
     }
 }
 

@@ -137,11 +137,13 @@ pub fn rope(
     by_dtype!(x.dtype(), "rope", |T| run::<T>(x, shape, tables, dst))
 }
 
-/// Flash-decoding attention (see `kernels::decode_attention`): the context is split so that there are
-/// about two blocks per SM, each split at least 64 keys; a second kernel merges the splits.
+/// Flash-decoding attention (see `kernels::decode_attention`): a block per kv head and up to
+/// `GROUP` of its query heads; the context is split so that there are about two blocks per SM,
+/// each split at least 64 keys; a second kernel merges the splits.
 pub fn decode_attention(op: &DecodeAttention, q: View, k: View, v: View) -> Result<CudaStorage> {
     const BLOCKS: usize = 264;
     const MIN_CHUNK: usize = 64;
+    const GROUP: usize = 8; // ATTN_GROUP
     fn run<T: Elem>(op: &DecodeAttention, (q, ql): View, (k, kl): View, (v, vl): View) -> Result<CudaStorage> {
         let dev = q.device();
         let (b, nh, _, d) = ql.shape().dims4()?;
@@ -151,7 +153,8 @@ pub fn decode_attention(op: &DecodeAttention, q: View, k: View, v: View) -> Resu
         }
         let (qs, cs) = (ql.stride(), kl.stride());
         let len = op.len;
-        let splits = len.div_ceil(MIN_CHUNK).min(BLOCKS.div_ceil(b * nh)).max(1);
+        let blocks = b * nkv * (nh / nkv).div_ceil(GROUP);
+        let splits = len.div_ceil(MIN_CHUNK).min(BLOCKS.div_ceil(blocks)).max(1);
         let chunk = len.div_ceil(splits);
         let splits = len.div_ceil(chunk);
         // SAFETY: as in rms_norm: the kernels write every element of both buffers before reading
@@ -166,7 +169,7 @@ pub fn decode_attention(op: &DecodeAttention, q: View, k: View, v: View) -> Resu
         builder_arg!(a, nh as u32, nkv as u32, d as u32, qs[0], qs[1], cs[0], cs[1], cs[2]);
         builder_arg!(a, len as u32, chunk as u32, op.scale);
         let cfg = LaunchConfig {
-            grid_dim: ((b * nh) as u32, splits as u32, 1),
+            grid_dim: (blocks as u32, splits as u32, 1),
             block_dim: (32 * 4, 1, 1), // ATTN_WARPS warps
             shared_mem_bytes: 0,
         };
@@ -189,4 +192,23 @@ pub fn decode_attention(op: &DecodeAttention, q: View, k: View, v: View) -> Resu
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
     by_dtype!(q.0.dtype(), "decode_attention", |T| run::<T>(op, q, k, v))
+}
+
+/// Greedy decoding's pick from f32 logits: two u32s, the first index of the largest value and
+/// whether every value is finite (one transfer to the host for both).
+pub fn greedy(x: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let dev = x.device();
+    let xs = contiguous::<f32>(x, l)?;
+    // SAFETY: as in rms_norm: the kernel writes both elements.
+    let mut out = unsafe { dev.alloc::<u32>(2) }?;
+    let func = dev.get_or_load_custom_func("greedy_f32", MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&xs);
+    builder_arg!(b, xs.len() as u32);
+    b.arg(&mut out);
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: as in rms_norm.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

@@ -1,19 +1,11 @@
-//! Prompt products of GGUF block weights with the activations rounded to 8-bit integers, on
-//! AVX512-VNNI dot products (Zen 4 on, Ice Lake on). Every block type here stores a weight as
-//! a·u + b: u an unsigned integer of at most 8 bits, a and b per 32 weights (per 16 for Q6_K).
-//! Each token's 32 activations become q·d (q signed 8-bit, d = max |x| / 127, as llama.cpp's
-//! Q8_0 activations), so a group's product is a·d·Σu·q + b·d·Σq, the sum exact in integers.
-//!
-//! Weights are read as stored (mapped files stay untouched) and decoded job by job into tiles
-//! of 4 rows side by side, the integers u of a group of 32 in one piece per row: the form the
-//! kernel broadcasts 4 at a time against 16 tokens' 4 activations.
+//! Prompt products: weights read as stored (mapped files stay untouched) and decoded job by job
+//! into tiles of 4 rows side by side, the integers u of a group of 32 in one piece per row: the
+//! form the kernel broadcasts 4 at a time against 16 tokens' 4 activations.
 
 use std::cell::RefCell;
 
-use candle_core::quantized::GgmlDType;
-
-use super::formats::{half_at, Rows, GROUP};
-use super::Out;
+use super::{decode_block, round_group, Format, Rows, GROUP};
+use crate::kernels::cpu::Out;
 
 /// Tokens side by side: one 512-bit register of i32.
 const TOKENS: usize = 16;
@@ -21,159 +13,6 @@ const TOKENS: usize = 16;
 const ROWS: usize = 4;
 /// Groups of 32 decoded and multiplied at a time (kept in L2 with their activations).
 const CHUNK: usize = 64;
-
-/// Whether this CPU runs the int8 kernel.
-pub fn available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        return std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vnni");
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
-}
-
-/// How a block type's weights become a·u + b, and how many scales each group of 32 has.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Format {
-    Q4_0,
-    Q4_1,
-    Q8_0,
-    Q4K,
-    Q5K,
-    Q6K,
-}
-
-impl Format {
-    /// The formats this kernel reads; None for the others.
-    fn of(w: Rows) -> Option<Self> {
-        Some(match w {
-            Rows::Q4_0(_) => Format::Q4_0,
-            Rows::Q4_1(_) => Format::Q4_1,
-            Rows::Q8_0(_) => Format::Q8_0,
-            Rows::Other(GgmlDType::Q4K, _) => Format::Q4K,
-            Rows::Other(GgmlDType::Q5K, _) => Format::Q5K,
-            Rows::Other(GgmlDType::Q6K, _) => Format::Q6K,
-            _ => return None,
-        })
-    }
-
-    /// Scales per group of 32: Q6_K has one per 16 weights.
-    fn halves(self) -> usize {
-        if self == Format::Q6K {
-            2
-        } else {
-            1
-        }
-    }
-
-    /// Weights per block, and bytes per block.
-    fn block(self) -> (usize, usize) {
-        let t = match self {
-            Format::Q4_0 => GgmlDType::Q4_0,
-            Format::Q4_1 => GgmlDType::Q4_1,
-            Format::Q8_0 => GgmlDType::Q8_0,
-            Format::Q4K => GgmlDType::Q4K,
-            Format::Q5K => GgmlDType::Q5K,
-            Format::Q6K => GgmlDType::Q6K,
-        };
-        (t.block_size(), t.type_size())
-    }
-}
-
-/// Whether `int8::gemm` reads this matrix.
-pub fn reads(w: Rows) -> bool {
-    Format::of(w).is_some()
-}
-
-/// The k-quants' 6-bit scale and min of sub-block j (llama.cpp's `get_scale_min_k4`).
-fn scale_min(scales: &[u8], j: usize) -> (f32, f32) {
-    if j < 4 {
-        ((scales[j] & 63) as f32, (scales[j + 4] & 63) as f32)
-    } else {
-        let sc = (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4);
-        let m = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
-        (sc as f32, m as f32)
-    }
-}
-
-/// One block decoded: its integers u (block-size of them) and per 32 weights (per 16 for Q6_K)
-/// a and b, so that weight i = a·u_i + b.
-#[inline(always)]
-fn decode_block(format: Format, block: &[u8], u: &mut [u8; 256], a: &mut [f32; 16], b: &mut [f32; 16]) {
-    // 16 bytes of nibbles at `q` into 32 integers at `u`: the low nibbles, then the high ones.
-    #[inline(always)]
-    fn nibbles(q: &[u8], u: &mut [u8]) {
-        let (q, (lo, hi)): (&[u8; 16], (&mut [u8], &mut [u8])) = (q.try_into().unwrap(), u.split_at_mut(16));
-        let (lo, hi): (&mut [u8; 16], &mut [u8; 16]) = (lo.try_into().unwrap(), hi.try_into().unwrap());
-        for i in 0..16 {
-            lo[i] = q[i] & 15;
-            hi[i] = q[i] >> 4;
-        }
-    }
-    match format {
-        Format::Q4_0 | Format::Q4_1 => {
-            let d = half_at(block, 0);
-            let (start, offset) = if format == Format::Q4_0 { (2, -8.0 * d) } else { (4, half_at(block, 2)) };
-            nibbles(&block[start..start + 16], &mut u[..32]);
-            (a[0], b[0]) = (d, offset);
-        }
-        Format::Q8_0 => {
-            for (u, &v) in u.iter_mut().zip(&block[2..34]) {
-                *u = v ^ 0x80;
-            }
-            let d = half_at(block, 0);
-            (a[0], b[0]) = (d, -128.0 * d);
-        }
-        Format::Q4K | Format::Q5K => {
-            // d, dmin, 12 bytes of scales, [Q5_K: 32 bytes of fifth bits], 128 bytes of nibbles:
-            // each 32 bytes hold two sub-blocks, the low nibbles and then the high ones.
-            let (d, dmin, scales) = (half_at(block, 0), half_at(block, 2), &block[4..16]);
-            let (high, qs) = if format == Format::Q5K { (Some(&block[16..48]), &block[48..176]) } else { (None, &block[16..144]) };
-            for c in 0..4 {
-                // 32 bytes: the low nibbles are sub-block 2c, the high ones 2c + 1.
-                for half in 0..2 {
-                    let (q, at) = (&qs[32 * c + 16 * half..][..16], 64 * c + 16 * half);
-                    for i in 0..16 {
-                        u[at + i] = q[i] & 15;
-                        u[at + 32 + i] = q[i] >> 4;
-                    }
-                }
-            }
-            if let Some(high) = high {
-                for (s, u) in u.chunks_exact_mut(32).enumerate() {
-                    for (u, h) in u.iter_mut().zip(high) {
-                        *u |= ((h >> s) & 1) << 4;
-                    }
-                }
-            }
-            for j in 0..8 {
-                let (sc, m) = scale_min(scales, j);
-                (a[j], b[j]) = (d * sc, -dmin * m);
-            }
-        }
-        Format::Q6K => {
-            // 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 signed scales, d; weight =
-            // d·scale·(q - 32). Per half of 128: value l + 32i takes ql's nibble (l, i) and
-            // qh's bits 2i of byte l.
-            let (ql, qh, scales, d) = (&block[..128], &block[128..192], &block[192..208], half_at(block, 208));
-            for n in 0..2 {
-                for l in 0..32 {
-                    let (lo, hi, h) = (ql[64 * n + l], ql[64 * n + l + 32], qh[32 * n + l]);
-                    let at = 128 * n + l;
-                    u[at] = (lo & 15) | ((h & 3) << 4);
-                    u[at + 32] = (hi & 15) | (((h >> 2) & 3) << 4);
-                    u[at + 64] = (lo >> 4) | (((h >> 4) & 3) << 4);
-                    u[at + 96] = (hi >> 4) | (((h >> 6) & 3) << 4);
-                }
-            }
-            for (j, &s) in scales.iter().enumerate() {
-                let scale = d * s as i8 as f32;
-                (a[j], b[j]) = (scale, -32.0 * scale);
-            }
-        }
-    }
-}
 
 /// Groups g0..g0 + groups of rows r0.. (up to ROWS of them, zero past the matrix) into the tile
 /// at `panel`: u as [group][row][32], a and b as [group][half][row].
@@ -191,7 +30,7 @@ impl Tile {
     /// Rows `rows` of w (row length k) at groups `groups`, as panels of ROWS rows.
     fn decode(&mut self, format: Format, bytes: &[u8], k: usize, rows: std::ops::Range<usize>, groups: std::ops::Range<usize>) {
         #[cfg(target_arch = "x86_64")]
-        if super::avx2() {
+        if crate::kernels::cpu::avx2() {
             /// # Safety
             /// The CPU has AVX2.
             #[target_feature(enable = "avx2")]
@@ -238,20 +77,6 @@ impl Tile {
             }
         }
     }
-}
-
-/// 32 activations as q·d, q of 8 bits and d = max |x| / 127 (to nearest); a group holding NaN or
-/// infinity gets d = NaN, so that the products it enters are NaN, not silently finite.
-fn round_group(xs: &[f32; GROUP]) -> ([i8; GROUP], f32) {
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: `available()` found AVX512F.
-        return unsafe { avx512::round_group(xs) };
-    }
-    let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-    let finite = xs.iter().all(|v| v.is_finite());
-    (std::array::from_fn(|i| (xs[i] * inv).round_ties_even() as i8), if finite { max / 127.0 } else { f32::NAN })
 }
 
 /// x (m, k) as 8-bit integers, 16 tokens side by side: q as [block][group][quad][token] of u32
@@ -309,7 +134,7 @@ impl Quantized {
 /// block, and the CPU `available()`.
 pub(crate) fn gemm(w: Rows, n: usize, k: usize, x: &Quantized, out: Out, stride: usize) {
     use rayon::prelude::*;
-    let format = Format::of(w).expect("int8::gemm of a format it reads");
+    let format = Format::of(w.format()).expect("int8::gemm of a format it reads");
     let threads = rayon::current_num_threads();
     let jobs = n.div_ceil(128).div_ceil(threads) * threads;
     let rows = n.div_ceil(jobs).next_multiple_of(ROWS).min(n.next_multiple_of(ROWS));
@@ -385,23 +210,6 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Quantized, View, GROUP, ROWS, TOKENS};
-
-    /// `super::round_group`: ties to even, as the scalar path.
-    /// # Safety
-    /// The CPU has AVX512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn round_group(xs: &[f32; GROUP]) -> ([i8; GROUP], f32) {
-        let (a, b) = (_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16)));
-        let max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-        // Any NaN or infinity makes the sum NaN or infinite, and so not 0 when multiplied by 0.
-        let finite = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * 0.0 == 0.0;
-        let inv = _mm512_set1_ps(if max > 0.0 { 127.0 / max } else { 0.0 });
-        let mut ints = [0i8; GROUP];
-        let round = |v: __m512| _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)));
-        _mm_storeu_si128(ints.as_mut_ptr() as *mut __m128i, round(a));
-        _mm_storeu_si128(ints.as_mut_ptr().add(16) as *mut __m128i, round(b));
-        (ints, if finite { max / 127.0 } else { f32::NAN })
-    }
 
     /// Token blocks per register tile: 4 rows × 3 blocks of accumulators (f32) and of integer sums.
     const BLOCKS: usize = 3;
@@ -480,34 +288,17 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
 
-    /// A random (n, k) matrix quantized to `format` by candle: its bytes and dequantized values.
-    fn matrix(format: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let values: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let t = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, format).unwrap();
-        let bytes = q.data().unwrap().to_vec();
-        let decoded = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        (bytes, decoded)
-    }
-
-    fn rows(format: GgmlDType, bytes: &[u8]) -> Rows<'_> {
-        Rows::of(format, bytes).or_else(|| Rows::other(format, bytes)).unwrap()
-    }
-
-    const FORMATS: [GgmlDType; 6] =
-        [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+    use super::super::testing::{matrix, rows, FORMATS};
+    use super::super::available;
 
     #[test]
     fn tiles_decode_to_candles_values() {
         for format in FORMATS {
             let (n, k) = (6, 512);
             let (bytes, expected) = matrix(format, n, k, 1);
-            let f = Format::of(rows(format, &bytes)).unwrap();
+            let f = Format::of(format).unwrap();
             let mut tile = Tile::new();
             tile.decode(f, &bytes, k, 0..n, 0..k / GROUP);
             let (count, halves) = (k / GROUP, f.halves());
@@ -568,7 +359,7 @@ mod tests {
         if kernel {
             gemm(w, n, k, x, Out(out.as_mut_ptr()), stride);
         } else {
-            let format = Format::of(w).unwrap();
+            let format = Format::of(w.format()).unwrap();
             let (mut tile, width) = (Tile::new(), x.blocks() * TOKENS);
             let mut sums = vec![0f32; n.next_multiple_of(ROWS) * width];
             for g0 in (0..x.groups).step_by(CHUNK) {
@@ -615,3 +406,4 @@ mod tests {
         }
     }
 }
+
