@@ -38,7 +38,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) -> Result<u32> {
         self.process(logits, prompt, generated)?;
         if !self.params.do_sample {
-            return Ok(first_max(logits).0);
+            return Ok(first_max(logits));
         }
         Ok(self.draw(&softmax(logits)))
     }

@@ -13,8 +13,7 @@ use crate::loading::weight::Weight;
 
 /// Quantized types whose weights enter at their exact values: in `gemv` (which rounds the
 /// activations to 16 bits for the block types), or dequantized for a matmul.
-const EXACT: [GgmlDType; 6] =
-    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F16, GgmlDType::BF16, GgmlDType::F32];
+const EXACT: [GgmlDType; 6] = cpu::formats::OWN_TYPES;
 
 /// Other quantized types whose prompts also run as gemm on decoded tiles: candle's quantized
 /// matmul has no fast path for these (Granite-shaped Q5_K_M, 512-token prompt: 112 -> 198

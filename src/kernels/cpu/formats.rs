@@ -25,9 +25,13 @@ pub enum Rows<'a> {
     Q4_1(&'a [u8]),
     Q8_0(&'a [u8]),
     /// Blocks of another GGUF type (the k-quants, Q5_0, Q5_1), decoded by candle: `gemm` reads
-    /// them, `gemv` does not.
+    /// them, `gemv` only the k-quants, where the CPU has the int8 kernels.
     Other(GgmlDType, &'a [u8]),
 }
+
+/// The stored types with a `Rows` variant of their own: `gemv` reads them at their exact values.
+pub const OWN_TYPES: [GgmlDType; 6] =
+    [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
 
 /// A weight matrix and its number of rows, which take the next columns of the output.
 pub type Part<'a> = (Rows<'a>, usize);

@@ -16,7 +16,7 @@ use candle_core::quantized::GgmlDType;
 use super::activations::Activations;
 #[cfg(target_arch = "x86_64")]
 use super::formats::evens_then_odds;
-use super::formats::{checked, half_at, Blocks, Dense, Part, Rows, BF16, F16, F32, GROUP, Q4_0, Q4_1, Q8_0};
+use super::formats::{checked, half_at, Blocks, Dense, Part, Rows, BF16, F16, F32, GROUP, OWN_TYPES, Q4_0, Q4_1, Q8_0};
 use super::int8;
 #[cfg(target_arch = "x86_64")]
 use super::x86;
@@ -165,8 +165,7 @@ fn block_job<'a, B: Blocks>(
 
 /// Whether `gemv` reads weights stored as `t` on this CPU.
 pub fn reads(t: GgmlDType) -> bool {
-    use GgmlDType::*;
-    matches!(t, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q8_0) || int8::decodes(t)
+    OWN_TYPES.contains(&t) || int8::decodes(t)
 }
 
 /// out (m, Σn) = x (m, k) · [w₁; w₂; ...]ᵀ for matrices of n rows of k stacked along the output.

@@ -7,16 +7,15 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape};
 /// finite (else 0).
 pub(crate) struct Greedy;
 
-/// The first index of the largest value (NaN never wins; 0 when nothing compares), and whether
-/// every value is finite.
-pub fn first_max(xs: &[f32]) -> (u32, bool) {
+/// The first index of the largest value (NaN never wins; 0 when nothing compares).
+pub fn first_max(xs: &[f32]) -> u32 {
     let mut best = 0;
     for (i, x) in xs.iter().enumerate() {
         if *x > xs[best] || (xs[best].is_nan() && !x.is_nan()) {
             best = i;
         }
     }
-    (best as u32, xs.iter().all(|x| x.is_finite()))
+    best as u32
 }
 
 impl CustomOp1 for Greedy {
@@ -27,8 +26,9 @@ impl CustomOp1 for Greedy {
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(x) = x else { bail!("greedy: f32 logits expected, got {:?}", x.dtype()) };
         let Some((start, end)) = l.contiguous_offsets() else { bail!("greedy: contiguous logits expected") };
-        let (token, finite) = first_max(&x[start..end]);
-        Ok((CpuStorage::U32(vec![token, finite as u32]), Shape::from(2)))
+        let x = &x[start..end];
+        let finite = x.iter().all(|v| v.is_finite());
+        Ok((CpuStorage::U32(vec![first_max(x), finite as u32]), Shape::from(2)))
     }
 
     #[cfg(feature = "cuda")]
