@@ -1,4 +1,5 @@
-//! The Granite decoder: Llama with four scalars (embedding, residual, attention, logits).
+//! The Granite decoder: Llama with four scalars (embedding, residual, attention, logits); each
+//! layer a mixer and a feed-forward (`layer`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,31 +10,12 @@ use crate::error::{Error, Result};
 use crate::kernels;
 use crate::loading::safetensors::Weights;
 use crate::loading::weight::Weight;
-use crate::model::attention::{Attention, Positions};
+use crate::model::attention::Positions;
 use crate::model::kv_cache::KvCache;
+use crate::model::layer::DecoderLayer;
 use crate::model::linear::Linear;
 use crate::model::mask::causal_mask;
-use crate::model::mlp::Mlp;
 use crate::model::rope::RotaryEmbedding;
-
-struct DecoderLayer {
-    input_layernorm: Tensor,
-    self_attn: Attention,
-    post_attention_layernorm: Tensor,
-    mlp: Mlp,
-}
-
-impl DecoderLayer {
-    fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
-        let norm = |name: &str| w.get(&format!("{prefix}.{name}.weight"), &[cfg.hidden_size]);
-        Ok(Self {
-            input_layernorm: norm("input_layernorm")?,
-            self_attn: Attention::load(w, &format!("{prefix}.self_attn"), cfg)?,
-            post_attention_layernorm: norm("post_attention_layernorm")?,
-            mlp: Mlp::load(w, &format!("{prefix}.mlp"), cfg)?,
-        })
-    }
-}
 
 /// How a forward runs beyond its inputs.
 #[derive(Default)]
@@ -69,9 +51,7 @@ impl Granite {
     pub fn load(cfg: &GraniteConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = w.matrix("model.embed_tokens.weight", [vocab, hidden])?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(w, &format!("model.layers.{i}"), cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(w, cfg, i)).collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None, w.precision())
         } else {
@@ -96,11 +76,7 @@ impl Granite {
 
     /// Every weight matrix once (a tied lm_head is the embedding): what one decode step reads.
     pub fn matrices(&self) -> Vec<&Weight> {
-        let layers = self.layers.iter().flat_map(|l| {
-            [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj]
-                .into_iter()
-                .flat_map(|p| p.weights())
-        });
+        let layers = self.layers.iter().flat_map(|l| l.projections().flat_map(Linear::weights));
         let head = if self.cfg.tie_word_embeddings { &[] } else { self.lm_head.weights() };
         std::iter::once(&self.embed_tokens).chain(layers).chain(head).collect()
     }
@@ -108,12 +84,8 @@ impl Granite {
     /// Parameters: every weight matrix once, the biases and the norms.
     pub fn parameter_count(&self) -> usize {
         let matrices: usize = self.matrices().iter().filter_map(|w| w.dims2().ok()).map(|(n, k)| n * k).sum();
-        let per_layer = self.layers.iter().map(|l| {
-            let projections = [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj];
-            let biases: usize = projections.iter().map(|p| p.bias_len()).sum();
-            biases + l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count()
-        });
-        matrices + per_layer.sum::<usize>() + self.norm.elem_count() + self.lm_head.bias_len()
+        let per_layer: usize = self.layers.iter().map(DecoderLayer::other_parameters).sum();
+        matrices + per_layer + self.norm.elem_count() + self.lm_head.bias_len()
     }
 
     pub fn dtype(&self) -> DType {
@@ -191,10 +163,10 @@ impl Granite {
                 self.device.synchronize()?;
                 return Err(Error::Cancelled);
             }
-            let attn = layer.self_attn.forward(&h, &pos, cache.as_deref_mut().map(|c| (c, i)))?;
-            (x, h) = kernels::add_rms_norm(&x, &attn, residual_multiplier, norms[2 * i + 1], eps)?;
-            let mlp = layer.mlp.forward(&h)?;
-            (x, h) = kernels::add_rms_norm(&x, &mlp, residual_multiplier, norms[2 * i + 2], eps)?;
+            let mixed = layer.mixer.forward(&h, &pos, cache.as_deref_mut().map(|c| (c, i)))?;
+            (x, h) = kernels::add_rms_norm(&x, &mixed, residual_multiplier, norms[2 * i + 1], eps)?;
+            let fed = layer.feed_forward.forward(&h)?;
+            (x, h) = kernels::add_rms_norm(&x, &fed, residual_multiplier, norms[2 * i + 2], eps)?;
         }
         if let Some(c) = cache {
             c.advance(t);

@@ -1,0 +1,106 @@
+//! One decoder layer: a mixer (what lets tokens see each other) and a feed-forward (what each
+//! token goes through alone), each after an RMSNorm and scaled into the residual stream.
+
+use candle_core::Tensor;
+
+use crate::config::{Family, GraniteConfig, LayerKind};
+use crate::error::{Error, Result};
+use crate::loading::safetensors::Weights;
+use crate::model::attention::{Attention, Positions};
+use crate::model::kv_cache::KvCache;
+use crate::model::linear::Linear;
+use crate::model::mlp::Mlp;
+
+/// What mixes the tokens of one layer, from `GraniteConfig::layer_kind`.
+pub(crate) enum Mixer {
+    Attention(Attention),
+}
+
+impl Mixer {
+    fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig, layer: usize) -> Result<Self> {
+        match cfg.layer_kind(layer)? {
+            LayerKind::Attention => Ok(Self::Attention(Attention::load(w, &format!("{prefix}.self_attn"), cfg)?)),
+            LayerKind::Mamba => Err(Error::config(
+                "layer_types",
+                format!("layer {layer} is a Mamba2 layer, which granite-rs does not run yet"),
+            )),
+        }
+    }
+
+    /// x: (b, t, hidden) -> (b, t, hidden); `cache` holds this layer's state at `slot`.
+    pub(crate) fn forward(&self, x: &Tensor, pos: &Positions, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        match self {
+            Self::Attention(a) => a.forward(x, pos, cache),
+        }
+    }
+
+    fn projections(&self) -> [&Linear; 2] {
+        match self {
+            Self::Attention(a) => [&a.qkv_proj, &a.o_proj],
+        }
+    }
+}
+
+/// What each token goes through after the mixer, from `GraniteConfig::family`.
+pub(crate) enum FeedForward {
+    Mlp(Mlp),
+}
+
+impl FeedForward {
+    fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
+        let what = match cfg.family()? {
+            Family::Dense => return Ok(Self::Mlp(Mlp::load(w, &format!("{prefix}.mlp"), cfg)?)),
+            Family::Moe => "a mixture of experts",
+            Family::MoeShared => "a mixture of experts and a shared MLP",
+            Family::Hybrid => "a shared MLP, with experts where there are any",
+        };
+        let name = cfg.model_type.as_deref().unwrap_or_default();
+        Err(Error::config(
+            "model_type",
+            format!("`{name}` models do not run yet: their feed-forward, {what}, is not implemented"),
+        ))
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Mlp(m) => m.forward(x),
+        }
+    }
+
+    fn projections(&self) -> [&Linear; 2] {
+        match self {
+            Self::Mlp(m) => [&m.gate_up_proj, &m.down_proj],
+        }
+    }
+}
+
+pub(crate) struct DecoderLayer {
+    pub(crate) input_layernorm: Tensor,
+    pub(crate) mixer: Mixer,
+    pub(crate) post_attention_layernorm: Tensor,
+    pub(crate) feed_forward: FeedForward,
+}
+
+impl DecoderLayer {
+    pub(crate) fn load(w: &Weights, cfg: &GraniteConfig, layer: usize) -> Result<Self> {
+        let prefix = format!("model.layers.{layer}");
+        let norm = |name: &str| w.get(&format!("{prefix}.{name}.weight"), &[cfg.hidden_size]);
+        Ok(Self {
+            input_layernorm: norm("input_layernorm")?,
+            mixer: Mixer::load(w, &prefix, cfg, layer)?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            feed_forward: FeedForward::load(w, &prefix, cfg)?,
+        })
+    }
+
+    /// Every projection of the layer.
+    pub(crate) fn projections(&self) -> impl Iterator<Item = &Linear> {
+        self.mixer.projections().into_iter().chain(self.feed_forward.projections())
+    }
+
+    /// Parameters outside the projections' matrices: biases and norms.
+    pub(crate) fn other_parameters(&self) -> usize {
+        let biases: usize = self.projections().map(Linear::bias_len).sum();
+        biases + self.input_layernorm.elem_count() + self.post_attention_layernorm.elem_count()
+    }
+}
