@@ -81,7 +81,7 @@ fn prompt(c: &mut Criterion) {
     for (name, rows) in formats {
         for (precision_name, precision) in Precision::NAMES {
             group.bench_function(BenchmarkId::new(name, precision_name), |b| {
-                b.iter(|| gemm(&[(rows, n)], k, &x, &mut out, precision).unwrap())
+                b.iter(|| gemm(&[(rows, n)], k, &x, &mut out, precision, &[m]).unwrap())
             });
         }
     }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use granite_rs::kernels::cpu::{gemv, gemv_reads, Precision, Rows};
 use granite_rs::loading::mapped::{self, Mapped};
 use granite_rs::loading::weight::Weight;
-use granite_rs::model::linear::Linear;
+use granite_rs::model::linear::{Linear, PackedRows};
 
 fn random(shape: (usize, usize), seed: u64) -> Tensor {
     // Deterministic values in [-1, 1) without a RNG dependency: a multiplicative hash.
@@ -134,7 +134,7 @@ fn gemm_matches_matmul_on_every_format() {
                     }
                 };
                 let mut out = vec![0f32; m * n];
-                granite_rs::kernels::cpu::gemm(&[(rows, n)], k, &xs, &mut out, Precision::Exact).unwrap();
+                granite_rs::kernels::cpu::gemm(&[(rows, n)], k, &xs, &mut out, Precision::Exact, &[m]).unwrap();
                 let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
                 let err = max_rel_err(&got, &reference(&x, &deq));
                 assert!(err < 1e-5, "gemm {dtype:?} {m}x{k} by {n}x{k}: relative error {err}");
@@ -180,12 +180,15 @@ fn gemv_rejects_bad_shapes() {
 
 /// Every path of `Linear`: gemv for few rows, matmul for many, candle's quantized matmul for
 /// the k-quants, stacked weights of mixed types, and weights read in place from a mapped file.
-#[test]
-fn linear_matches_matmul_on_every_path() {
+/// A name, two weights and the tolerance against an f32 matmul.
+type Case = (&'static str, Weight, Weight, f32);
+
+/// Two weights of every path `Linear` takes (mapped, dense, quantized, mixed), with the bias and
+/// the tolerance against an f32 matmul.
+fn linear_cases() -> (usize, Tensor, Vec<Case>) {
     let (k, n1, n2) = (512, 64, 96);
     let (w1, w2) = (random((n1, k), 5), random((n2, k), 6));
     let bias = random((1, n1 + n2), 9).squeeze(0).unwrap();
-    let (b1, b2) = (bias.narrow(0, 0, n1).unwrap(), bias.narrow(0, n1, n2).unwrap());
     let quantized = |w: &Tensor, t| Weight::Quantized(Arc::new(QTensor::quantize(w, t).unwrap()));
     // A file holding w1 and w2 as f32, then w1 as bf16 and w2 as q4_1, read through one map.
     let stored = |w: &Tensor, t| QTensor::quantize(w, t).unwrap().data().unwrap().into_owned();
@@ -201,7 +204,7 @@ fn linear_matches_matmul_on_every_path() {
     let _ = std::fs::remove_file(&path); // the map outlives the name on Unix
     let starts: Vec<usize> = blobs.iter().scan(0, |at, b| Some(std::mem::replace(at, *at + b.len()))).collect();
     let in_file = |i: usize, t, n| Weight::Mapped(Arc::new(Mapped::new(&map, starts[i], t, (n, k)).unwrap()));
-    let cases = [
+    let cases = vec![
         // Neighbours in the file in one format become one matrix: one pass over the weights.
         ("mapped f32, joined", in_file(0, GgmlDType::F32, n1), in_file(1, GgmlDType::F32, n2), 1e-5),
         ("mapped bf16 + mapped q4_1", in_file(2, GgmlDType::BF16, n1), in_file(3, GgmlDType::Q4_1, n2), 1e-5),
@@ -218,12 +221,21 @@ fn linear_matches_matmul_on_every_path() {
         // Q4_K_M's fused q/k/v: Q4_K and Q6_K side by side.
         ("q4_k + q6_k", quantized(&w1, GgmlDType::Q4K), quantized(&w2, GgmlDType::Q6K), 2e-2),
     ];
+    (k, bias, cases)
+}
+
+#[test]
+fn linear_matches_matmul_on_every_path() {
+    let (k, bias, cases) = linear_cases();
     for (name, a, b, tol) in cases {
+        let n1 = a.dims2().unwrap().0;
+        let (b1, b2) = (bias.narrow(0, 0, n1).unwrap(), bias.narrow(0, n1, bias.dim(0).unwrap() - n1).unwrap());
         let want_w = Tensor::cat(&[a.dequantize(DType::F32).unwrap(), b.dequantize(DType::F32).unwrap()], 0).unwrap();
         // Fast rounds a prompt's activations (and non-bf16 weights) to bf16 where the CPU has a
         // bf16 kernel: a relative error of about 2^-9 per value. Int8 rounds them to 8 bits per
         // 32 for block weights where the CPU has VNNI: at most 1/254 of each group's largest.
-        let precisions = [(Precision::Exact, tol), (Precision::Fast, f32::max(tol, 1e-2)), (Precision::Int8, f32::max(tol, 2e-2))];
+        let precisions =
+            [(Precision::Exact, tol), (Precision::Fast, f32::max(tol, 1e-2)), (Precision::Int8, f32::max(tol, 2e-2))];
         for (precision, tol) in precisions {
             let part = |w: &Weight, bias: &Tensor| Linear::new(w.clone(), Some(bias.clone()), precision);
             let linear = Linear::stack(vec![part(&a, &b1), part(&b, &b2)]).unwrap();
@@ -234,6 +246,33 @@ fn linear_matches_matmul_on_every_path() {
                 let got = linear.forward(&x).unwrap().squeeze(0).unwrap();
                 let err = max_rel_err(&got, &want);
                 assert!(err < tol, "{name}, {precision:?}, {rows} rows: relative error {err}");
+            }
+        }
+    }
+}
+
+/// Rows packed from several spans give, bit for bit, what each span gives alone: a span of up
+/// to 8 rows as decode, a longer one as a prompt, whatever else shares the product.
+#[test]
+fn packed_rows_equal_each_span_alone() {
+    let (k, bias, cases) = linear_cases();
+    let lens = [1, 1, 3, 20, 1, 9, 8, 1, 12];
+    let total: usize = lens.iter().sum();
+    let x = random((total, k), 17).reshape((1, total, k)).unwrap();
+    for (name, a, b, _) in cases {
+        let n1 = a.dims2().unwrap().0;
+        let (b1, b2) = (bias.narrow(0, 0, n1).unwrap(), bias.narrow(0, n1, bias.dim(0).unwrap() - n1).unwrap());
+        for precision in [Precision::Exact, Precision::Fast, Precision::Int8] {
+            let part = |w: &Weight, bias: &Tensor| Linear::new(w.clone(), Some(bias.clone()), precision);
+            let linear = Linear::stack(vec![part(&a, &b1), part(&b, &b2)]).unwrap();
+            let packed = linear.forward_packed(&x, &PackedRows::new(lens)).unwrap();
+            let mut at = 0;
+            for len in lens {
+                let alone = linear.forward(&x.narrow(1, at, len).unwrap()).unwrap();
+                let same = packed.narrow(1, at, len).unwrap();
+                let diff = (alone - same).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert_eq!(diff, 0.0, "{name}, {precision:?}: the span of {len} rows at {at} differs by {diff}");
+                at += len;
             }
         }
     }

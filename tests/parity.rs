@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use granite_rs::kernels::cpu::Precision;
 use granite_rs::loading::safetensors::Weights;
-use granite_rs::{Granite, GraniteConfig, Logits};
+use granite_rs::{ForwardOptions, Granite, GraniteConfig, Logits, Span};
 
 const CASES: [&str; 8] =
     ["mha_tied", "gqa_untied", "mqa_bias", "rope_linear", "rope_dynamic", "bf16", "sharded", "llama_like"];
@@ -67,7 +67,7 @@ fn full_sequence_logits_match_transformers() {
 fn cached_greedy_decoding_matches_transformers() {
     for case in CASES {
         let (model, r) = (load(case, DType::F32), reference(case));
-        let mut cache = model.new_cache(1, r.input_ids.len() + r.greedy_ids.len()).unwrap();
+        let mut cache = model.new_cache(r.input_ids.len() + r.greedy_ids.len()).unwrap();
         let mut input = r.input_ids.clone();
         let mut steps = Vec::new();
         let mut tokens = Vec::new();
@@ -92,7 +92,7 @@ fn cached_logits_equal_uncached() {
         let (model, r) = (load(case, DType::F32), reference(case));
         let ids = &r.input_ids;
         let full = model.forward(&row(ids), None, Logits::All).unwrap().squeeze(0).unwrap();
-        let mut cache = model.new_cache(1, 4).unwrap(); // small on purpose: it must grow
+        let mut cache = model.new_cache(4).unwrap(); // small on purpose: it must grow
         let split = ids.len() / 2;
         let mut parts = vec![model.forward(&row(&ids[..split]), Some(&mut cache), Logits::All).unwrap()];
         for id in &ids[split..] {
@@ -112,5 +112,60 @@ fn bf16_and_f16_compute_stay_close() {
         let err = relative_error(&logits, &r.logits);
         println!("{dtype:?} compute: max abs diff / max |logit| = {err:.2e}");
         assert!(err <= 5e-2, "{dtype:?}: {err}");
+    }
+}
+
+/// Spans packed into one forward give, bit for bit, what each gives alone: prompts longer and
+/// shorter than a decode batch, one-token steps and a few tokens over cached prefixes, with the
+/// exact and the default (bf16 where the CPU has it) prompt products.
+#[test]
+fn packed_spans_equal_each_alone() {
+    for case in CASES {
+        for precision in [Precision::Exact, Precision::Fast] {
+            let dir = fixture(case);
+            let cfg = GraniteConfig::from_file(&dir.join("config.json")).unwrap();
+            let weights = Weights::from_dir(&dir, DType::F32, &Device::Cpu).unwrap().with_precision(precision);
+            let model = Granite::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap();
+            let ids = reference(case).input_ids;
+            let n = ids.len();
+            assert!(n >= 12, "{case}: the reference prompt has {n} tokens");
+            // (cached prefix, span, which logits)
+            let seqs: Vec<(&[u32], &[u32], Logits)> = vec![
+                (&[], &ids, Logits::All),
+                (&ids[..n - 1], &ids[n - 1..], Logits::Last),
+                (&[], &ids[..3], Logits::Last),
+                (&ids[..4], &ids[4..9], Logits::All),
+                (&ids[..2], &ids[2..], Logits::Last),
+                (&ids[..7], &ids[7..8], Logits::All),
+            ];
+            let prefilled = |prefix: &[u32]| {
+                let mut cache = model.new_cache(0).unwrap();
+                if !prefix.is_empty() {
+                    model.forward(&row(prefix), Some(&mut cache), Logits::Last).unwrap();
+                }
+                cache
+            };
+            let alone: Vec<Tensor> = seqs
+                .iter()
+                .map(|(prefix, span, which)| {
+                    let mut cache = prefilled(prefix);
+                    model.forward(&row(span), Some(&mut cache), *which).unwrap().squeeze(0).unwrap()
+                })
+                .collect();
+            let mut caches: Vec<_> = seqs.iter().map(|(prefix, _, _)| prefilled(prefix)).collect();
+            let mut spans: Vec<Span> = seqs
+                .iter()
+                .zip(&mut caches)
+                .map(|((_, tokens, logits), cache)| Span { tokens, cache: Some(cache), logits: *logits })
+                .collect();
+            let packed = model.forward_spans(&mut spans, &ForwardOptions::default()).unwrap();
+            for (i, (a, p)) in alone.iter().zip(&packed).enumerate() {
+                let diff = (a - p).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert_eq!(diff, 0.0, "{case}, {precision:?}: span {i} differs by {diff}");
+            }
+            for ((prefix, span, _), cache) in seqs.iter().zip(&caches) {
+                assert_eq!(cache.len(), prefix.len() + span.len(), "{case}: the caches advance");
+            }
+        }
     }
 }

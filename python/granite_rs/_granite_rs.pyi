@@ -218,10 +218,13 @@ class Generator(_Generates):
     def apply_chat_template(self, messages: Sequence[_Message], add_generation_prompt: bool = True) -> str:
         """The chat template's text for ``messages``, as transformers renders it (in a sandbox)."""
     def generate_batch(self, prompts: Sequence[str], **kwargs: Unpack[GenerateOptions]) -> list[str]:
-        """Generates for all prompts together (left-padded, one forward per step for the batch).
+        """Generates for all prompts together: one forward per step over every unfinished prompt
+        (no padding; a prompt that finishes leaves the batch at once).
 
-        Greedy results equal ``[generate(p, **kwargs) for p in prompts]``; each prompt samples
-        with its own generator seeded by ``seed``. ``details`` is not supported here.
+        Each row's text equals ``generate(p, **its_kwargs)`` exactly, greedy or sampled, whatever
+        the other rows (on the CPU). A keyword may give one value per prompt as a list, e.g.
+        ``seed=[1, 2, 3]`` or ``max_new_tokens=[16, 64, 8]``; a list-valued keyword (``stop``,
+        ``stop_token_ids``, ...) does so as a list of lists. ``details`` is not supported here.
         """
     def session(self) -> Session:
         """A new conversation that keeps its KV cache between calls."""

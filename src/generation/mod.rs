@@ -6,6 +6,7 @@ pub(crate) mod batch;
 pub(crate) mod defaults;
 pub(crate) mod model;
 pub mod params;
+pub(crate) mod request;
 pub mod sampling;
 pub(crate) mod sequence;
 pub(crate) mod session;

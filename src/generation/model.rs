@@ -13,7 +13,8 @@ use crate::generation::threads::pin_thread_count;
 use crate::loading::gguf::Gguf;
 use crate::loading::quantization::{Precision, Quantization};
 use crate::loading::safetensors::Weights;
-use crate::model::granite::{Granite, Logits};
+use crate::model::granite::Granite;
+use crate::model::span::Logits;
 use crate::text::chat::ChatTemplate;
 use crate::text::tokenizer::Tokenizer;
 
@@ -76,7 +77,8 @@ impl Generator {
         let defaults = GenerationDefaults::from_dir(path)?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::from_dir(path)?;
-        let weights = Weights::from_dir(path, dtype, device)?.with_quantization(opts.quantization).with_precision(opts.precision);
+        let weights =
+            Weights::from_dir(path, dtype, device)?.with_quantization(opts.quantization).with_precision(opts.precision);
         let info = ModelInfo {
             format: "HF model directory",
             architecture: config.architectures.first().cloned().or_else(|| config.model_type.clone()),

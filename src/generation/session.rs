@@ -19,7 +19,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(generator: Arc<Generator>) -> Result<Self> {
-        let cache = generator.model().new_cache(1, 0)?;
+        let cache = generator.model().new_cache(0)?;
         Ok(Self { generator, cache: Some(cache), cached: Vec::new() })
     }
 

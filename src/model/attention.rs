@@ -1,4 +1,5 @@
-//! Grouped-query self-attention with RoPE, over the KV cache when there is one.
+//! Grouped-query self-attention with RoPE: the projections over every span's rows at once, the
+//! attention of each span over its own KV cache (when it has one).
 
 use candle_core::Tensor;
 
@@ -7,16 +8,8 @@ use crate::error::Result;
 use crate::kernels;
 use crate::loading::safetensors::Weights;
 use crate::model::kv_cache::KvCache;
-use crate::model::linear::Linear;
-
-/// What every layer needs to know about the positions of one forward.
-pub(crate) struct Positions {
-    /// Each (t, head_dim / 2), or per row (b, t, head_dim / 2).
-    pub(crate) cos: Tensor,
-    pub(crate) sin: Tensor,
-    /// Additive causal mask, (t, start + t) or per row (b, 1, t, start + t); see `causal_mask`.
-    pub(crate) mask: Option<Tensor>,
-}
+use crate::model::linear::{Linear, PackedRows};
+use crate::model::span::{Positions, SpanRows};
 
 pub(crate) struct Attention {
     /// q, k and v projections stacked: (n_heads + 2 * n_kv_heads) * head_dim rows.
@@ -51,12 +44,34 @@ impl Attention {
         })
     }
 
-    /// x: (b, t, hidden) -> (b, t, hidden).
-    pub(crate) fn forward(&self, x: &Tensor, pos: &Positions, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+    /// x: (1, T, hidden), the rows of `spans` one after another -> (1, T, hidden). Each span's
+    /// cache holds this layer at `layer`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        spans: &mut [SpanRows],
+        layer: usize,
+        packed: &PackedRows,
+    ) -> Result<Tensor> {
+        let total = x.dim(1)?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = self.qkv_proj.forward_packed(x, packed)?.reshape((1, total, nh + 2 * nkv, hd))?;
+        let mut outs = spans
+            .iter_mut()
+            .map(|s| self.attend(&qkv.narrow(1, s.offset, s.len)?, &s.pos, s.cache.as_deref_mut().map(|c| (c, layer))))
+            .collect::<Result<Vec<_>>>()?;
+        let out = match outs.len() {
+            1 => outs.pop().expect("one span"),
+            _ => Tensor::cat(&outs, 1)?,
+        };
+        self.o_proj.forward_packed(&out, packed)
+    }
+
+    /// One span's attention: qkv (b, t, n_heads + 2 n_kv_heads, head_dim) -> (b, t, n_heads * head_dim).
+    fn attend(&self, qkv: &Tensor, pos: &Positions, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let (b, t, _, _) = qkv.dims4()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // Views of the projection, (b, heads, t, hd) each: the ops below read them in place.
-        let qkv = self.qkv_proj.forward(x)?.reshape((b, t, nh + 2 * nkv, hd))?;
         let heads = |start: usize, n: usize| qkv.narrow(2, start, n)?.transpose(1, 2);
         let (q, k, v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
         let (q, k, v) = match cache {
@@ -65,9 +80,9 @@ impl Attention {
                 let (k_cache, v_cache) = cache.layer(layer);
                 let q = kernels::rope_write_kv(&q, &k, &v, &pos.cos, &pos.sin, k_cache, v_cache, start)?;
                 if pos.mask.is_none() && t == 1 {
-                    // One unpadded query per row: attention straight over the cache.
+                    // One query: attention straight over the cache.
                     let out = kernels::decode_attention(&q, k_cache, v_cache, start + 1, self.scale)?;
-                    return self.o_proj.forward(&out.reshape((b, 1, nh * hd))?);
+                    return Ok(out.reshape((b, 1, nh * hd))?);
                 }
                 (q, k_cache.narrow(2, 0, start + t)?, v_cache.narrow(2, 0, start + t)?)
             }
@@ -77,16 +92,15 @@ impl Attention {
             }
         };
         let out = match &pos.mask {
-            // Unpadded on the CPU: causal attention in tiles, with no score matrix.
+            // On the CPU: causal attention in tiles, with no score matrix.
             None if q.device().is_cpu() => kernels::prefill_attention(&q, &k, &v, k.dim(2)? - t, self.scale)?,
             mask => self.attention_by_scores(&q, &k, &v, mask.as_ref())?,
         };
-        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out)
+        Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 
-    /// softmax(scale q kᵀ + mask) v with the scores formed: padded batches, and GPUs (where the
-    /// mask is None only for one unpadded query, which sees every key). (b, nh, t, hd).
+    /// softmax(scale q kᵀ + mask) v with the scores formed, on GPUs (where the mask is None only
+    /// for one query, which sees every key). (b, nh, t, hd).
     fn attention_by_scores(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, nh, t, hd) = q.dims4()?;
         let (nkv, len) = (self.n_kv_heads, k.dim(2)?);

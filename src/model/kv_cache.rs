@@ -1,17 +1,18 @@
-//! Per-layer key/value cache, preallocated; each forward writes its positions in place (kernels::rope_write_kv).
+//! One sequence's per-layer key/value cache, preallocated; each forward writes its positions in
+//! place (kernels::rope_write_kv).
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 
 pub struct KvCache {
-    /// Per layer, each (batch, n_kv_heads, capacity, head_dim); none until the first `reserve`,
+    /// Per layer, each (1, n_kv_heads, capacity, head_dim); none until the first `reserve`,
     /// so that no buffer is ever empty (a 0-byte CUDA allocation can fail).
     k: Vec<Tensor>,
     v: Vec<Tensor>,
     layers: usize,
-    /// (batch, n_kv_heads, head_dim) of every buffer.
-    dims: (usize, usize, usize),
+    /// (n_kv_heads, head_dim) of every buffer.
+    dims: (usize, usize),
     dtype: DType,
     device: Device,
     /// Positions filled, the same in every layer between forwards.
@@ -21,7 +22,6 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(
         layers: usize,
-        batch: usize,
         n_kv_heads: usize,
         head_dim: usize,
         capacity: usize,
@@ -32,7 +32,7 @@ impl KvCache {
             k: Vec::new(),
             v: Vec::new(),
             layers,
-            dims: (batch, n_kv_heads, head_dim),
+            dims: (n_kv_heads, head_dim),
             dtype,
             device: device.clone(),
             len: 0,
@@ -61,9 +61,9 @@ impl KvCache {
             return Ok(());
         }
         let new_capacity = needed.max(2 * capacity);
-        let (b, h, d) = self.dims;
+        let (h, d) = self.dims;
         let grow = |old: Option<&Tensor>| -> Result<Tensor> {
-            let grown = Tensor::zeros((b, h, new_capacity, d), self.dtype, &self.device)?;
+            let grown = Tensor::zeros((1, h, new_capacity, d), self.dtype, &self.device)?;
             if let Some(old) = old.filter(|_| self.len > 0) {
                 grown.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
             }
@@ -74,7 +74,7 @@ impl KvCache {
         Ok(())
     }
 
-    /// The whole storage of `layer`, k and v, each (batch, n_kv_heads, capacity, head_dim):
+    /// The whole storage of `layer`, k and v, each (1, n_kv_heads, capacity, head_dim):
     /// positions from `len()` on are free for the forward that writes them.
     pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
         (&self.k[layer], &self.v[layer])
@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn no_buffer_is_empty_and_growing_keeps_the_positions() -> Result<()> {
-        let mut c = KvCache::new(2, 1, 2, 4, 0, DType::F32, &Device::Cpu)?;
+        let mut c = KvCache::new(2, 2, 4, 0, DType::F32, &Device::Cpu)?;
         assert!(buffers(&c).is_empty(), "an empty cache holds no buffers");
         c.reserve(0)?;
         assert!(buffers(&c).is_empty());

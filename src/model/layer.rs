@@ -6,10 +6,10 @@ use candle_core::Tensor;
 use crate::config::{Family, GraniteConfig, LayerKind};
 use crate::error::{Error, Result};
 use crate::loading::safetensors::Weights;
-use crate::model::attention::{Attention, Positions};
-use crate::model::kv_cache::KvCache;
-use crate::model::linear::Linear;
+use crate::model::attention::Attention;
+use crate::model::linear::{Linear, PackedRows};
 use crate::model::mlp::Mlp;
+use crate::model::span::SpanRows;
 
 /// What mixes the tokens of one layer, from `GraniteConfig::layer_kind`.
 pub(crate) enum Mixer {
@@ -27,10 +27,17 @@ impl Mixer {
         }
     }
 
-    /// x: (b, t, hidden) -> (b, t, hidden); `cache` holds this layer's state at `slot`.
-    pub(crate) fn forward(&self, x: &Tensor, pos: &Positions, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    /// x: (1, T, hidden), the rows of `spans` one after another -> (1, T, hidden); each span's
+    /// cache holds this layer's state at `layer`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        spans: &mut [SpanRows],
+        layer: usize,
+        packed: &PackedRows,
+    ) -> Result<Tensor> {
         match self {
-            Self::Attention(a) => a.forward(x, pos, cache),
+            Self::Attention(a) => a.forward(x, spans, layer, packed),
         }
     }
 
@@ -61,9 +68,10 @@ impl FeedForward {
         ))
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// x: (1, T, hidden), every span's rows, each token alone -> (1, T, hidden).
+    pub(crate) fn forward(&self, x: &Tensor, packed: &PackedRows) -> Result<Tensor> {
         match self {
-            Self::Mlp(m) => m.forward(x),
+            Self::Mlp(m) => m.forward(x, packed),
         }
     }
 

@@ -20,7 +20,7 @@ const EXACT: [GgmlDType; 6] = cpu::formats::OWN_TYPES;
 /// tokens/s), where for Q4_K and Q6_K it beats the tiles (371 against 214).
 const TILED: [GgmlDType; 3] = [GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q5K];
 
-/// Up to this many activation rows use `gemv`; more use a matmul.
+/// A span of up to this many rows runs as decode (`gemv`); a longer one as a prompt (a matmul).
 const GEMV_MAX_ROWS: usize = 8;
 
 /// Runs `f` on the rows of every weight, with the rows of `held` first, when `gemv` reads them all.
@@ -91,7 +91,34 @@ impl Linear {
 
     /// x: (..., in) -> (..., out), in x's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = project(&self.parts, x, self.precision)?;
+        let m = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        self.with_bias(project(&self.parts, x, self.precision, m <= GEMV_MAX_ROWS, &[m])?)
+    }
+
+    /// `forward` over the rows of several spans packed together, each row computed as it would
+    /// be were its span alone: rows of short spans as decode, the others as a prompt.
+    pub fn forward_packed(&self, x: &Tensor, rows: &PackedRows) -> Result<Tensor> {
+        let y = match (&rows.few[..], &rows.many[..]) {
+            (_, []) => project(&self.parts, x, self.precision, true, &rows.few_spans)?,
+            ([], _) => project(&self.parts, x, self.precision, false, &rows.many_spans)?,
+            (few, many) => {
+                let k = x.dim(D::Minus1)?;
+                let x2 = x.reshape((few.len() + many.len(), k))?;
+                let group = |rows: &[u32], few: bool, spans: &[usize]| -> Result<Tensor> {
+                    let idx = Tensor::new(rows, x.device())?;
+                    project(&self.parts, &x2.index_select(&idx, 0)?, self.precision, few, spans)
+                };
+                let both =
+                    Tensor::cat(&[group(few, true, &rows.few_spans)?, group(many, false, &rows.many_spans)?], 0)?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("x has a last dimension") = both.dim(1)?;
+                both.index_select(&Tensor::new(&rows.back[..], x.device())?, 0)?.reshape(dims)?
+            }
+        };
+        self.with_bias(y)
+    }
+
+    fn with_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -99,8 +126,42 @@ impl Linear {
     }
 }
 
-/// x (..., k) times the weights stacked along the output, each (n_i, k): (..., Σn_i).
-fn project(parts: &[Weight], x: &Tensor, precision: Precision) -> Result<Tensor> {
+/// Which rows of a packed input are computed as decode (`gemv`: rows of spans of at most
+/// `GEMV_MAX_ROWS` rows, as each would be alone) and which as a prompt.
+pub struct PackedRows {
+    few: Vec<u32>,
+    many: Vec<u32>,
+    /// The row counts of the spans in `few`, and in `many`.
+    few_spans: Vec<usize>,
+    many_spans: Vec<usize>,
+    /// Where each row lands in `few` then `many` concatenated.
+    back: Vec<u32>,
+}
+
+impl PackedRows {
+    /// The rows of spans of these lengths, one after another.
+    pub fn new(lens: impl IntoIterator<Item = usize>) -> Self {
+        let (mut few, mut many, mut few_spans, mut many_spans) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut row = 0u32;
+        for len in lens {
+            let (group, spans) =
+                if len <= GEMV_MAX_ROWS { (&mut few, &mut few_spans) } else { (&mut many, &mut many_spans) };
+            group.extend(row..row + len as u32);
+            spans.push(len);
+            row += len as u32;
+        }
+        let mut back = vec![0u32; row as usize];
+        for (i, r) in few.iter().chain(&many).enumerate() {
+            back[*r as usize] = i as u32;
+        }
+        Self { few, many, few_spans, many_spans, back }
+    }
+}
+
+/// x (..., k) times the weights stacked along the output, each (n_i, k): (..., Σn_i); as decode
+/// (`few` rows) or as a prompt. x's rows are those of `spans` (row counts), each of which gets
+/// what it would alone (on the CPU; a GPU's matmul may differ in the last bits).
+fn project(parts: &[Weight], x: &Tensor, precision: Precision, few: bool, spans: &[usize]) -> Result<Tensor> {
     let mut out_dims = x.dims().to_vec();
     let last = out_dims.pop().ok_or_else(|| Error::invalid("a projection needs at least one dimension"))?;
     let mut n = 0;
@@ -117,7 +178,6 @@ fn project(parts: &[Weight], x: &Tensor, precision: Precision) -> Result<Tensor>
     // Ours: gemv for a few rows (the k-quants where the CPU has the int8 kernels); for more, gemm on the bf16 kernels or decoded
     // tiles of stored formats (dense weights go straight to candle's matmul, and without a bf16
     // kernel most k-quants to candle's quantized matmul).
-    let few = m <= GEMV_MAX_ROWS;
     let gemv_reads = parts.iter().all(|w| w.stored_type().is_none_or(cpu::gemv_reads));
     // With a bf16 kernel, every stored format's prompts run on it or on the int8 one (`cpu::gemm`).
     let bf16 = precision != Precision::Exact && cpu::bf16::kernel() != cpu::bf16::Kernel::None;
@@ -129,7 +189,7 @@ fn project(parts: &[Weight], x: &Tensor, precision: Precision) -> Result<Tensor>
         let y = with_all_rows(parts, Vec::new(), |rows| -> Result<Tensor> {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let mut out = vec![0f32; m * n];
-            if few { cpu::gemv(rows, k, &xs, &mut out) } else { cpu::gemm(rows, k, &xs, &mut out, precision) }
+            if few { cpu::gemv(rows, k, &xs, &mut out) } else { cpu::gemm(rows, k, &xs, &mut out, precision, spans) }
                 .map_err(Error::invalid)?;
             Ok(Tensor::from_vec(out, out_dims.clone(), x.device())?.to_dtype(x.dtype())?)
         });
@@ -138,6 +198,26 @@ fn project(parts: &[Weight], x: &Tensor, precision: Precision) -> Result<Tensor>
         }
     }
     let x2 = x.contiguous()?.reshape((m, k))?;
+    let y = match spans {
+        // candle's matmul may sum in another order for another row count: span by span on the CPU.
+        [_, _, ..] if x.device().is_cpu() => {
+            let mut first = 0;
+            let ys = spans
+                .iter()
+                .map(|&len| {
+                    first += len;
+                    candle_product(parts, &x2.narrow(0, first - len, len)?, x.dtype())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&ys, 0)?
+        }
+        _ => candle_product(parts, &x2, x.dtype())?,
+    };
+    Ok(y.reshape(out_dims)?)
+}
+
+/// x2 (m, k) times the weights stacked along the output, on candle's products.
+fn candle_product(parts: &[Weight], x2: &Tensor, dtype: DType) -> Result<Tensor> {
     let ys = parts
         .iter()
         .map(|w| -> Result<Tensor> {
@@ -145,16 +225,15 @@ fn project(parts: &[Weight], x: &Tensor, precision: Precision) -> Result<Tensor>
                 Weight::Dense(t) => x2.matmul(&t.t()?)?,
                 // candle's quantized matmul, for the k-quants (it quantizes x).
                 Weight::Quantized(q) if !EXACT.contains(&q.dtype()) => {
-                    QMatMul::QTensor(q.clone()).forward(&x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+                    QMatMul::QTensor(q.clone()).forward(&x2.to_dtype(DType::F32)?)?.to_dtype(dtype)?
                 }
                 // The weights as their f32 values.
-                _ => x2.matmul(&w.dequantize(x.dtype())?.t()?)?,
+                _ => x2.matmul(&w.dequantize(dtype)?.t()?)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let y = match &ys[..] {
+    Ok(match &ys[..] {
         [y] => y.clone(),
         ys => Tensor::cat(ys, D::Minus1)?,
-    };
-    Ok(y.reshape(out_dims)?)
+    })
 }

@@ -6,7 +6,7 @@ use crate::config::{Activation, GraniteConfig};
 use crate::error::Result;
 use crate::kernels;
 use crate::loading::safetensors::Weights;
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, PackedRows};
 
 pub(crate) struct Mlp {
     /// gate_proj and up_proj stacked: 2 * intermediate_size rows.
@@ -32,8 +32,9 @@ impl Mlp {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.gate_up_proj.forward(x)?; // (b, t, 2 intermediate)
+    /// x: (1, T, hidden), every span's rows -> (1, T, hidden).
+    pub(crate) fn forward(&self, x: &Tensor, packed: &PackedRows) -> Result<Tensor> {
+        let gate_up = self.gate_up_proj.forward_packed(x, packed)?; // (1, T, 2 intermediate)
         let hidden = match self.act {
             Activation::Silu => kernels::swiglu(&gate_up)?,
             act => {
@@ -46,6 +47,6 @@ impl Mlp {
                 (gate * &halves[1])?
             }
         };
-        self.down_proj.forward(&hidden)
+        self.down_proj.forward_packed(&hidden, packed)
     }
 }

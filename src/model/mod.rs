@@ -10,6 +10,7 @@ pub mod linear;
 mod mask;
 mod mlp;
 pub(crate) mod rope;
+pub(crate) mod span;
 
 /// Greedy decoding's pick, the first of equal maxima as transformers takes it: on the logits'
 /// device (`greedy`) or over logits read back (`first_max`).

@@ -37,31 +37,19 @@ impl RotaryEmbedding {
         (0..self.head_dim / 2).map(|i| (1.0 / base.powf((2 * i) as f64 / dim) / divide) as f32).collect()
     }
 
-    /// cos and sin for positions start..start + len, each (len, head_dim / 2). With left padding
-    /// (`left_pad[r]` pad tokens before row r's text) each is (batch, len, head_dim / 2) and row r's
-    /// positions are shifted back by its padding (clamped at 0 on the pad tokens themselves).
-    pub fn cos_sin(&self, start: usize, len: usize, left_pad: &[usize]) -> Result<(Tensor, Tensor)> {
-        let padded = left_pad.iter().any(|p| *p > 0);
-        let shifts: &[usize] = if padded { left_pad } else { &[0] };
-        let min_pad = shifts.iter().copied().min().unwrap_or(0);
-        let inv_freq = self.inv_freq(start + len - min_pad.min(start + len));
+    /// cos and sin for positions start..start + len, each (len, head_dim / 2).
+    pub fn cos_sin(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let inv_freq = self.inv_freq(start + len);
         let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(shifts.len() * len * half);
-        let mut sin = Vec::with_capacity(shifts.len() * len * half);
-        for shift in shifts {
-            for pos in start..start + len {
-                for f in &inv_freq {
-                    let angle = pos.saturating_sub(*shift) as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
+        let (mut cos, mut sin) = (Vec::with_capacity(len * half), Vec::with_capacity(len * half));
+        for pos in start..start + len {
+            for f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
             }
         }
-        let table = |v: Vec<f32>| {
-            let t = Tensor::from_vec(v, (shifts.len(), len, half), &self.device)?;
-            let t = if padded { t } else { t.squeeze(0)? };
-            t.to_dtype(self.dtype)
-        };
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (len, half), &self.device)?.to_dtype(self.dtype);
         Ok((table(cos)?, table(sin)?))
     }
 }

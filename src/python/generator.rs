@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use pyo3::IntoPyObjectExt;
 
-use super::params::generate_params;
+use super::params::{generate_params, generate_params_rows};
 use super::run::{lock, watched, GenerationResult, Running, TextStream};
 use crate::config::{dtype_name, parse_dtype};
 use crate::error::{Error, Result};
@@ -203,7 +203,7 @@ impl Generator {
         Ok(template.render(&messages, add_generation_prompt)?)
     }
 
-    /// Generates for all prompts together, one forward per step for the batch.
+    /// Generates for all prompts together, one forward per step over every unfinished prompt.
     #[pyo3(signature = (prompts, **kwargs))]
     fn generate_batch(
         &self,
@@ -211,16 +211,16 @@ impl Generator {
         prompts: Vec<String>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<String>> {
-        let options = generate_params(&self.inner, kwargs)?;
-        if options.details {
+        let options = generate_params_rows(&self.inner, kwargs, prompts.len())?;
+        if options.iter().any(|o| o.details) {
             return Err(PyValueError::new_err("details is not supported by generate_batch"));
         }
         let ids =
             py.detach(|| prompts.iter().map(|p| self.inner.tokenizer().encode(p, true)).collect::<Result<Vec<_>>>())?;
         let cancel = std::sync::atomic::AtomicBool::new(false);
-        let outputs = watched(py, &cancel, || {
-            crate::generation::batch::generate_batch(&self.inner, ids, &options, Some(&cancel))
-        })?;
+        let rows = ids.into_iter().zip(options).collect();
+        let outputs =
+            watched(py, &cancel, || crate::generation::batch::generate_batch(&self.inner, rows, Some(&cancel)))?;
         Ok(outputs.into_iter().map(|o| o.text).collect())
     }
 

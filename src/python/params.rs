@@ -3,10 +3,10 @@
 
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::generation::model::Generator;
-use crate::generation::params::{DefaultValue, GenerateParams, Kind, Value, KEYWORDS};
+use crate::generation::params::{DefaultValue, GenerateParams, Keyword, Kind, Value, KEYWORDS};
 
 /// Extracts a keyword's value; a wrong type is a TypeError (a number out of range an
 /// OverflowError, a string with a lone surrogate a ValueError) that names the keyword.
@@ -45,18 +45,70 @@ fn extract(key: &str, kind: Kind, nullable: bool, value: &Bound<'_, PyAny>) -> P
     })
 }
 
+/// A keyword argument's name and its entry in `KEYWORDS`.
+fn keyword(key: &Bound<'_, PyAny>) -> PyResult<(String, &'static Keyword)> {
+    let key: String = key.extract()?;
+    match KEYWORDS.iter().find(|k| k.name == key) {
+        Some(k) => Ok((key, k)),
+        None => Err(PyTypeError::new_err(format!("unexpected keyword argument '{key}'"))),
+    }
+}
+
 /// Keywords as transformers' `generate` names them; unset ones come from generation_config.json.
 /// The values are checked by the core when the generation starts.
 pub fn generate_params(generator: &Generator, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<GenerateParams> {
     let mut p = GenerateParams { sampling: generator.defaults().sampling(), ..Default::default() };
     for (key, value) in kwargs.into_iter().flat_map(|k| k.iter()) {
-        let key: String = key.extract()?;
-        let Some(k) = KEYWORDS.iter().find(|k| k.name == key) else {
-            return Err(PyTypeError::new_err(format!("unexpected keyword argument '{key}'")));
-        };
+        let (key, k) = keyword(&key)?;
         p.set(&key, extract(&key, k.kind, k.nullable, &value)?)?;
     }
     Ok(p)
+}
+
+/// `generate_params` for `rows` prompts together: a keyword may give one value per prompt, as a
+/// list of `rows` values (for a list-valued keyword, a list of `rows` lists).
+pub fn generate_params_rows(
+    generator: &Generator,
+    kwargs: Option<&Bound<'_, PyDict>>,
+    rows: usize,
+) -> PyResult<Vec<GenerateParams>> {
+    let mut ps = vec![GenerateParams { sampling: generator.defaults().sampling(), ..Default::default() }; rows];
+    for (key, value) in kwargs.into_iter().flat_map(|k| k.iter()) {
+        let (key, k) = keyword(&key)?;
+        let per_row = match per_row_values(&value)? {
+            Some(values) if !matches!(k.kind, Kind::Strs | Kind::Ints) => Some(values),
+            Some(values) if values.iter().all(|v| per_row_values(v).is_ok_and(|v| v.is_some())) => Some(values),
+            _ => None,
+        };
+        match per_row {
+            Some(values) if values.len() != rows => {
+                return Err(PyValueError::new_err(format!(
+                    "{key}: a list gives one value per prompt: {} values for {rows} prompts",
+                    values.len()
+                )))
+            }
+            Some(values) => {
+                for (p, v) in ps.iter_mut().zip(&values) {
+                    p.set(&key, extract(&key, k.kind, k.nullable, v)?)?;
+                }
+            }
+            None => {
+                let v = extract(&key, k.kind, k.nullable, &value)?;
+                for p in &mut ps {
+                    p.set(&key, v.clone())?;
+                }
+            }
+        }
+    }
+    Ok(ps)
+}
+
+/// The items of a list or tuple; None for anything else.
+fn per_row_values<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<Vec<Bound<'py, PyAny>>>> {
+    if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
+        return Ok(Some(value.try_iter()?.collect::<PyResult<Vec<_>>>()?));
+    }
+    Ok(None)
 }
 
 /// `KEYWORDS` for Python: a tuple of dicts with name, type, default, range and doc.

@@ -43,19 +43,33 @@ impl Precision {
 /// when Fast or Int8 and the CPU has a bf16 kernel, the other matrices but f32 ones at bf16
 /// against x rounded to bf16 (`bf16::gemm`); the others in tiles of rows, each small enough to stay in cache, decoded to f32 and
 /// multiplied by gemm, the tiles split over rayon's threads.
-pub fn gemm(parts: &[Part], k: usize, x: &[f32], out: &mut [f32], precision: Precision) -> Result<(), String> {
+///
+/// x's rows are those of `spans` (row counts, one span after another): each row's result is
+/// what its span gives alone. The int8 and bf16 kernels sum every row in one order whatever
+/// the others; gemm's order can depend on the row count, so it runs span by span.
+pub fn gemm(
+    parts: &[Part],
+    k: usize,
+    x: &[f32],
+    out: &mut [f32],
+    precision: Precision,
+    spans: &[usize],
+) -> Result<(), String> {
     let stride = checked(parts, k, x, out)?;
+    if spans.iter().sum::<usize>() * k != x.len() {
+        return Err(format!("gemm: spans of {spans:?} rows for {} rows", x.len() / k.max(1)));
+    }
     let kernel = if precision == Precision::Exact { Kernel::None } else { bf16::kernel() };
     let integers = precision == Precision::Int8 && int8::available();
     let (mut packed, mut quantized) = (None, None);
     let mut out = Out(out.as_mut_ptr());
     for &(w, n) in parts {
         match w {
-            Rows::F32(_) => gemm_part(w, n, k, x, out, stride),
+            Rows::F32(_) => gemm_part(w, n, k, x, out, stride, spans),
             _ if integers && int8::reads(w.format()) => {
                 int8::gemm(w, n, k, quantized.get_or_insert_with(|| Quantized::new(x, k)), out, stride)
             }
-            _ if kernel == Kernel::None => gemm_part(w, n, k, x, out, stride),
+            _ if kernel == Kernel::None => gemm_part(w, n, k, x, out, stride, spans),
             _ => bf16::gemm(kernel, w, n, k, packed.get_or_insert_with(|| Packed::new(x, k)), out, stride),
         }
         // SAFETY: the parts' rows add up to `stride` columns.
@@ -64,10 +78,9 @@ pub fn gemm(parts: &[Part], k: usize, x: &[f32], out: &mut [f32], precision: Pre
     Ok(())
 }
 
-/// Columns of out (m, stride) from one checked matrix of n rows.
-fn gemm_part(w: Rows, n: usize, k: usize, x: &[f32], out: Out, stride: usize) {
+/// Columns of out (m, stride) from one checked matrix of n rows, span by span.
+fn gemm_part(w: Rows, n: usize, k: usize, x: &[f32], out: Out, stride: usize, spans: &[usize]) {
     use rayon::prelude::*;
-    let m = x.len() / k;
     // Tiles of at most 256 KiB of f32, as many as a multiple of the threads, of a multiple of 48
     // rows (whole blocks of gemm's 16 x 6 kernel either way round).
     let threads = rayon::current_num_threads();
@@ -86,30 +99,35 @@ fn gemm_part(w: Rows, n: usize, k: usize, x: &[f32], out: Out, stride: usize) {
                     &buf[..]
                 }
             };
-            // SAFETY: x is (m, k) and the tile (rows, k), row-major; out (m, stride) row-major, of
-            // which this tile writes columns `rows` only.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    rows.len(),
-                    k,
-                    out.ptr().add(rows.start),
-                    1,
-                    stride as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    tile_values.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
+            let mut first = 0;
+            for &m in spans {
+                // SAFETY: x is (Σspans, k) and the tile (rows, k), row-major; out (Σspans, stride)
+                // row-major, of which this tile writes columns `rows` only, this span rows
+                // first..first + m only.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        rows.len(),
+                        k,
+                        out.ptr().add(first * stride + rows.start),
+                        1,
+                        stride as isize,
+                        false,
+                        x.as_ptr().add(first * k),
+                        1,
+                        k as isize,
+                        tile_values.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+                first += m;
             }
         })
     });

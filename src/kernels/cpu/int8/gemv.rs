@@ -1,5 +1,7 @@
 //! Decode products of the k-quants (Q4_K, Q5_K, Q6_K): each weight row streamed once from its
-//! stored blocks, unpacked in registers, against up to 8 tokens rounded to 8 bits per 32.
+//! stored blocks, unpacked in registers, against up to 4 tokens rounded to 8 bits per 32. Each
+//! token's sums run in the same order however many tokens share a pass, so a token's result
+//! does not depend on the others.
 //!
 //! A superblock of 256 weights has units of one scale: 8 of 32 (Q4_K, Q5_K) or 16 of 16 (Q6_K).
 //! Per token and superblock `Tokens` holds the units' activation scales d and sums d·Σq, so
@@ -75,7 +77,7 @@ pub(crate) fn decodes(t: GgmlDType) -> bool {
 }
 
 /// Tokens per pass over the weights: the kernel's accumulators.
-const TOKENS: usize = 8;
+const TOKENS: usize = 4;
 
 /// Columns of out (m, stride) from the rows of a matrix `decodes` takes (k a multiple of 256,
 /// checked by `gemv`), for rows given to the returned function.
@@ -145,11 +147,7 @@ mod avx512 {
                     1 => $kernel::<1 $(, $flag)?>(w, x, rows, out, stride),
                     2 => $kernel::<2 $(, $flag)?>(w, x, rows, out, stride),
                     3 => $kernel::<3 $(, $flag)?>(w, x, rows, out, stride),
-                    4 => $kernel::<4 $(, $flag)?>(w, x, rows, out, stride),
-                    5 => $kernel::<5 $(, $flag)?>(w, x, rows, out, stride),
-                    6 => $kernel::<6 $(, $flag)?>(w, x, rows, out, stride),
-                    7 => $kernel::<7 $(, $flag)?>(w, x, rows, out, stride),
-                    _ => $kernel::<8 $(, $flag)?>(w, x, rows, out, stride),
+                    _ => $kernel::<4 $(, $flag)?>(w, x, rows, out, stride),
                 }
             };
         }
@@ -168,23 +166,17 @@ mod avx512 {
         _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(a), _mm512_set1_epi32(b))
     }
 
-    /// Accumulators per token: enough independent sums to hide the latency of adding into them
-    /// when few tokens share a pass.
-    const fn chains(m: usize) -> usize {
-        match m {
-            1 => 4,
-            2 => 2,
-            _ => 1,
-        }
-    }
+    /// Accumulators per token, whatever the number of tokens: enough independent sums to hide the
+    /// latency of adding into them, in one order for every token.
+    const CHAINS: usize = 4;
 
     /// Each token's sum of lanes into its column `r`.
     /// # Safety
     /// The CPU has AVX-512F, and `out` has room for M rows of `stride` past column `r`.
     #[inline(always)]
-    unsafe fn store<const M: usize>(acc: &[[__m512; 4]; M], out: Out, stride: usize, r: usize) {
+    unsafe fn store<const M: usize>(acc: &[[__m512; CHAINS]; M], out: Out, stride: usize, r: usize) {
         for (t, a) in acc.iter().enumerate() {
-            let sum = a[..chains(M)].iter().fold(_mm512_setzero_ps(), |s, a| _mm512_add_ps(s, *a));
+            let sum = a.iter().fold(_mm512_setzero_ps(), |s, a| _mm512_add_ps(s, *a));
             *out.ptr().add(t * stride + r) = _mm512_reduce_add_ps(sum);
         }
     }
@@ -204,7 +196,7 @@ mod avx512 {
         // d for lanes 0..8 (the scales), dmin for 8..16 (the mins).
         let d_then_min = pair(0, 1);
         for r in rows {
-            let mut acc = [[_mm512_setzero_ps(); 4]; M];
+            let mut acc = [[_mm512_setzero_ps(); CHAINS]; M];
             for s in 0..supers {
                 let block = w.as_ptr().add((r * supers + s) * bytes);
                 let d = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
@@ -240,7 +232,7 @@ mod avx512 {
                     let q = x.q.as_ptr().add(t * x.k + s * SUPER);
                     for (i, (u, lanes)) in u.iter().zip(lanes).enumerate() {
                         let ints = _mm512_dpbusd_epi32(zero, *u, _mm512_loadu_si512(q.add(64 * i) as *const _));
-                        let acc = &mut acc[i % chains(M)];
+                        let acc = &mut acc[i % CHAINS];
                         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), _mm512_permutexvar_ps(lanes, scaled), *acc);
                     }
                 }
@@ -266,7 +258,7 @@ mod avx512 {
             _mm512_loadu_si512(units.as_ptr() as *const _)
         });
         for r in rows {
-            let mut acc = [[_mm512_setzero_ps(); 4]; M];
+            let mut acc = [[_mm512_setzero_ps(); CHAINS]; M];
             for s in 0..supers {
                 let block = w.as_ptr().add((r * supers + s) * 210);
                 let d = _mm_cvtph_ps(_mm_cvtsi32_si128((block.add(208) as *const u16).read_unaligned() as i32));
@@ -289,7 +281,7 @@ mod avx512 {
                     let q = x.q.as_ptr().add(t * x.k + s * SUPER);
                     for (i, (u, lanes)) in u.iter().zip(lanes).enumerate() {
                         let ints = _mm512_dpbusd_epi32(zero, *u, _mm512_loadu_si512(q.add(64 * i) as *const _));
-                        let acc = &mut acc[i % chains(M)];
+                        let acc = &mut acc[i % CHAINS];
                         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), _mm512_permutexvar_ps(lanes, scaled), *acc);
                     }
                 }
