@@ -72,9 +72,8 @@ def tensors():
             yield f"{hf}.{hf_name}.weight", f"{gg}.{gg_name}.weight", matrix(*shape)
 
 
-def write_checkpoint(hf_dir: Path, gguf_path: Path, tokenizer_dir: Path, tokenizer_gguf: Path) -> None:
-    """The HF directory and the BF16 GGUF, from the same values."""
-    import gguf
+def write_checkpoint(hf_dir: Path, gguf_path, tokenizer_dir: Path, tokenizer_gguf: Path) -> None:
+    """The HF directory and (unless gguf_path is None) the BF16 GGUF, from the same values."""
     import numpy as np
 
     hf_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +90,11 @@ def write_checkpoint(hf_dir: Path, gguf_path: Path, tokenizer_dir: Path, tokeniz
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     shape = (HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB)
-    writer = bench_kquants.granite_writer(gguf_path, gguf.LlamaFileType.MOSTLY_BF16, shape, tokenizer_gguf)
+    writer = None
+    if gguf_path is not None:
+        import gguf
+
+        writer = bench_kquants.granite_writer(gguf_path, gguf.LlamaFileType.MOSTLY_BF16, shape, tokenizer_gguf)
 
     # safetensors' numpy API has no bfloat16 (it needs torch for that), so the file is written
     # here: an 8-byte header length, the JSON header, then each tensor's bytes in order.
@@ -100,6 +103,8 @@ def write_checkpoint(hf_dir: Path, gguf_path: Path, tokenizer_dir: Path, tokeniz
         header[hf_name] = {"dtype": "BF16", "shape": list(bits.shape), "data_offsets": [offset, offset + bits.nbytes]}
         offset += bits.nbytes
         datas.append(bits)
+        if writer is None:
+            continue
         if bits.ndim == 1:  # norms stay f32 in a GGUF, as the converter writes them (ggml adds no bf16)
             writer.add_tensor(gguf_name, (bits.astype(np.uint32) << 16).view(np.float32))
         else:
@@ -111,6 +116,8 @@ def write_checkpoint(hf_dir: Path, gguf_path: Path, tokenizer_dir: Path, tokeniz
         f.write(text)
         for bits in datas:
             f.write(bits.tobytes())
+    if writer is None:
+        return
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -167,9 +174,17 @@ def main() -> None:
     p.add_argument("--ab", metavar="A,B", help="instead of llama.cpp, two builds of ours (see bench_compare.py)")
     p.add_argument("--llama-plain", action="store_true",
                    help="llama.cpp without its extra buffer types (repacking, AMX), where those crash")
+    p.add_argument("--hf-only", action="store_true",
+                   help="only write the HF directory (bf16 safetensors; no GGUFs, no llama.cpp) and print its path")
     p.add_argument("--int8", action="store_true", help='also ours with matmul_precision="int8" on the block types')
     p.set_defaults(new_tokens=32)
     args = p.parse_args()
+    if args.hf_only:
+        hf = args.work / "granite-2b-bf16"
+        if not (hf / "model.safetensors").exists():
+            write_checkpoint(hf, None, Path(bench_compare.prepare(ROOT_WORK)["hf"]), bench_compare.smollm2_gguf())
+        print(hf)
+        return
     if args.llama_plain:
         import os
 

@@ -47,21 +47,26 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--quantize", help="Generator's quantize (e.g. q4_0)")
+    parser.add_argument("--quick", action="store_true", help="only alone and generate_batch; no equality check")
     args = parser.parse_args()
     path = args.model or _find_real_model()[0]
-    g = Generator(path, num_threads=args.threads)
+    g = Generator(path, num_threads=args.threads, quantize=args.quantize)
     prompts = [g.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[: args.rows]]
     kw = dict(max_new_tokens=args.new_tokens, ignore_eos=True)
     lens = [len(g.encode(p)) for p in prompts]
-    print(f"model: {path.name}; CPU: {cpu_name()}, {args.threads or 'default'} threads")
+    print(f"model: {path.name}{f' quantize={args.quantize}' if args.quantize else ''}; "
+          f"CPU: {cpu_name()}, {args.threads or 'default'} threads")
     print(f"{len(prompts)} prompts of {lens} tokens, {args.new_tokens} new tokens each")
 
-    times = {"alone": [], "one by one": [], "generate_batch": []}
-    g.generate(prompts[0], **kw)  # warm-up
+    runs = [("alone", lambda: g.generate(prompts[0], **kw)),
+            ("one by one", lambda: [g.generate(p, **kw) for p in prompts]),
+            ("generate_batch", lambda: g.generate_batch(prompts, **kw))]
+    runs = [r for r in runs if not (args.quick and r[0] == "one by one")]
+    times = {name: [] for name, _ in runs}
+    g.generate(prompts[0], max_new_tokens=2)  # warm-up
     for _ in range(args.reps):
-        for name, fn in [("alone", lambda: g.generate(prompts[0], **kw)),
-                         ("one by one", lambda: [g.generate(p, **kw) for p in prompts]),
-                         ("generate_batch", lambda: g.generate_batch(prompts, **kw))]:
+        for name, fn in runs:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -71,6 +76,8 @@ def main():
         rate = n / statistics.median(ts)
         print(f"  {name:15s} {rate:8.1f} tokens/s  ({rate / alone:.2f}x one request)")
 
+    if args.quick:
+        return
     for label, extra in [("greedy", {}), ("seeded sampling", dict(do_sample=True, temperature=0.9, top_p=0.95))]:
         seeds = list(range(1, len(prompts) + 1))
         if extra:

@@ -188,11 +188,11 @@ pub(crate) trait Blocks {
     const OFFSET: bool;
     /// The 32 integers v_j.
     fn ints(block: &[u8]) -> [i32; GROUP];
-    /// Σ_j v_j q_j for 32 activations q, as 8 partial sums.
+    /// The 32 v_j as 16-bit integers: v_0..v_15, then v_16..v_31.
     /// # Safety
-    /// `block` points at `BYTES` readable bytes, `q` at 32 values, and the CPU has AVX2.
+    /// `block` points at `BYTES` readable bytes, and the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2(block: *const u8, q: *const i16) -> x86::I;
+    unsafe fn unpack(block: *const u8) -> [x86::I; 2];
 }
 
 pub(crate) struct Q4_0;
@@ -213,10 +213,10 @@ impl Blocks for Q4_0 {
         nibble_ints(&block[2..18])
     }
     /// # Safety
-    /// As `Blocks::avx2`.
+    /// As `Blocks::unpack`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2(block: *const u8, q: *const i16) -> x86::I {
-        x86::nibble_dot(block.add(2), q)
+    unsafe fn unpack(block: *const u8) -> [x86::I; 2] {
+        x86::nibbles(block.add(2))
     }
 }
 
@@ -229,10 +229,10 @@ impl Blocks for Q4_1 {
         nibble_ints(&block[4..20])
     }
     /// # Safety
-    /// As `Blocks::avx2`.
+    /// As `Blocks::unpack`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2(block: *const u8, q: *const i16) -> x86::I {
-        x86::nibble_dot(block.add(4), q)
+    unsafe fn unpack(block: *const u8) -> [x86::I; 2] {
+        x86::nibbles(block.add(4))
     }
 }
 
@@ -245,10 +245,10 @@ impl Blocks for Q8_0 {
         std::array::from_fn(|j| block[2 + j] as i8 as i32)
     }
     /// # Safety
-    /// As `Blocks::avx2`.
+    /// As `Blocks::unpack`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2(block: *const u8, q: *const i16) -> x86::I {
-        x86::byte_dot(block.add(2), q)
+    unsafe fn unpack(block: *const u8) -> [x86::I; 2] {
+        x86::bytes(block.add(2))
     }
 }
 

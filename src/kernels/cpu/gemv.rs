@@ -88,17 +88,23 @@ fn dense_job<'a, F: Dense>(
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
             let x = reordered.as_deref().unwrap_or(x);
-            // At most 4 activation rows per pass over the weights keeps the accumulators in registers.
-            for first in (0..m).step_by(4) {
-                let xs = &x[first * k..];
-                // SAFETY: the features are present; shapes were checked by `gemv`.
-                unsafe {
-                    let (w, o) = (w.as_ptr(), out.ptr().add(first * stride));
-                    match m - first {
-                        1 => x86::rows::<F, 1>(w, k, xs, rows.clone(), o, stride),
-                        2 => x86::rows::<F, 2>(w, k, xs, rows.clone(), o, stride),
-                        3 => x86::rows::<F, 3>(w, k, xs, rows.clone(), o, stride),
-                        _ => x86::rows::<F, 4>(w, k, xs, rows.clone(), o, stride),
+            // At most 4 activation rows per pass over the weights keeps the accumulators in
+            // registers; with more, the passes take 16 KiB of weight rows at a time, so that
+            // the weights come from memory once (each row's sums are the same either way).
+            let chunk = if m <= 4 { rows.len() } else { (16 * 1024 / (k / GROUP * F::BYTES)).max(1) };
+            for start in rows.clone().step_by(chunk.max(1)) {
+                let part = start..rows.end.min(start + chunk);
+                for first in (0..m).step_by(4) {
+                    let xs = &x[first * k..];
+                    // SAFETY: the features are present; shapes were checked by `gemv`.
+                    unsafe {
+                        let (w, o) = (w.as_ptr(), out.ptr().add(first * stride));
+                        match m - first {
+                            1 => x86::rows::<F, 1>(w, k, xs, part.clone(), o, stride),
+                            2 => x86::rows::<F, 2>(w, k, xs, part.clone(), o, stride),
+                            3 => x86::rows::<F, 3>(w, k, xs, part.clone(), o, stride),
+                            _ => x86::rows::<F, 4>(w, k, xs, part.clone(), o, stride),
+                        }
                     }
                 }
             }
@@ -217,7 +223,7 @@ mod tests {
                 let a = Activations::new(&x, B::CENTER);
                 let portable = dot_scalar::<B>(&row, &a, 0);
                 // SAFETY: checked just before.
-                let fast = x86::available().then(|| unsafe { x86::dot::<B, true>(row.as_ptr(), groups, &a, 0) });
+                let fast = x86::available().then(|| unsafe { x86::dots::<B, 1, true>(row.as_ptr(), groups, &a, [0])[0] });
                 if let Some(fast) = fast {
                     let err = (portable - fast).abs() / portable.abs().max(1.0);
                     assert!(err < 1e-5, "{name}, {groups} blocks: portable {portable}, avx2 {fast}");

@@ -44,31 +44,35 @@ pub unsafe fn quantize(a: &mut super::activations::Activations, x: &[f32], cente
     a.quantize(x, center)
 }
 
-/// Σ v_j q_j for 16 bytes of nibbles: low nibbles are v_0..v_15, high ones v_16..v_31.
+/// 16 bytes of nibbles as 16-bit integers: the low nibbles (v_0..v_15), then the high ones
+/// (v_16..v_31).
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `p` points at 16 readable bytes and `q` at 32 values.
+/// The CPU has AVX2, FMA and F16C; `p` points at 16 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn nibble_dot(p: *const u8, q: *const i16) -> I {
+pub unsafe fn nibbles(p: *const u8) -> [I; 2] {
     let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
-    let lo = _mm256_and_si256(w, _mm256_set1_epi16(15));
-    let hi = _mm256_srli_epi16(w, 4);
-    let q = q as *const __m256i;
-    _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(q)), _mm256_madd_epi16(hi, _mm256_loadu_si256(q.add(1))))
+    [_mm256_and_si256(w, _mm256_set1_epi16(15)), _mm256_srli_epi16(w, 4)]
 }
 
-/// Σ v_j q_j for 32 signed bytes v.
+/// 32 signed bytes as 16-bit integers, in two halves.
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `p` points at 32 readable bytes and `q` at 32 values.
+/// The CPU has AVX2, FMA and F16C; `p` points at 32 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn byte_dot(p: *const u8, q: *const i16) -> I {
+pub unsafe fn bytes(p: *const u8) -> [I; 2] {
     let v = |at: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(at) as *const __m128i));
+    [v(0), v(16)]
+}
+
+/// Σ v_j q_j of one block's unpacked v and its 32 activations q, as 8 partial sums (exact).
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `q` points at 32 values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_dot(v: &[I; 2], q: *const i16) -> I {
     let q = q as *const __m256i;
-    _mm256_add_epi32(
-        _mm256_madd_epi16(v(0), _mm256_loadu_si256(q)),
-        _mm256_madd_epi16(v(16), _mm256_loadu_si256(q.add(1))),
-    )
+    _mm256_add_epi32(_mm256_madd_epi16(v[0], _mm256_loadu_si256(q)), _mm256_madd_epi16(v[1], _mm256_loadu_si256(q.add(1))))
 }
 
 /// The sum of the 8 lanes.
@@ -95,74 +99,63 @@ unsafe fn sums8(v: [I; 8]) -> I {
     _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31))
 }
 
-/// Blocks g..g + count (count ≤ 8) of a row: their integer sums less the centre, and the first
-/// 4 bytes of each (d in the low half, m of Q4_1 in the high half); zero past `count`.
+/// M activation rows' dot products with one weight row of `groups` blocks, 8 blocks at a time:
+/// the blocks' integer sums (exact), as f32, times their d's and the activations' scales. Each
+/// block is unpacked once for all M rows, and each row's sums are the same for any M.
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `row` holds blocks g..g + count, `q` their 32 activations each and
-/// `center` their centre sums (from g on).
-#[inline]
+/// The CPU has AVX2, FMA and F16C; `row` points at `groups` blocks and `a` holds groups
+/// `firsts[i]..firsts[i] + groups` for every i.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block8<B: super::formats::Blocks>(
-    row: *const u8,
-    q: *const i16,
-    center: *const i32,
-    g: usize,
-    count: usize,
-) -> (I, I) {
-    let block = |t: usize| row.add((g + t) * B::BYTES);
-    let part =
-        |t: usize| if t < count { B::avx2(block(t), q.add((g + t) * super::GROUP)) } else { _mm256_setzero_si256() };
-    let head = |t: usize| if t < count { (block(t) as *const i32).read_unaligned() } else { 0 };
-    let mut ints = sums8(std::array::from_fn(part));
-    if B::CENTER != 0 {
-        let c = if count == 8 {
-            _mm256_loadu_si256(center.add(g) as *const I)
-        } else {
-            let c: [i32; 8] = std::array::from_fn(|t| if t < count { *center.add(g + t) } else { 0 });
-            _mm256_loadu_si256(c.as_ptr() as *const I)
-        };
-        ints = _mm256_sub_epi32(ints, c);
-    }
-    (ints, _mm256_setr_epi32(head(0), head(1), head(2), head(3), head(4), head(5), head(6), head(7)))
-}
-
-/// One activation row's dot product with one weight row of `groups` blocks, 8 blocks at a
-/// time: their integer sums, as f32, times their d's and the activations' scales.
-/// # Safety
-/// The CPU has AVX2, FMA and F16C; `row` points at `groups` blocks and `a` holds `first + groups` groups.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot<B: super::formats::Blocks, const PREFETCH: bool>(
+pub unsafe fn dots<B: super::formats::Blocks, const M: usize, const PREFETCH: bool>(
     row: *const u8,
     groups: usize,
     a: &super::activations::Activations,
-    first: usize,
-) -> f32 {
-    let q = a.q.as_ptr().add(first * super::GROUP);
-    let (scale, sum, center) = (a.scale.as_ptr().add(first), a.sum.as_ptr().add(first), a.center.as_ptr().add(first));
-    let (mut acc, mut acc_m) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    firsts: [usize; M],
+) -> [f32; M] {
+    let (mut acc, mut acc_m) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
     let mut step = |g: usize, count: usize| {
         if PREFETCH {
             for line in (0..8 * B::BYTES).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(g * B::BYTES + AHEAD + line) as *const i8);
             }
         }
-        let (ints, heads) = block8::<B>(row, q, center, g, count);
-        let load = |p: *const f32| {
-            if count == 8 {
-                _mm256_loadu_ps(p.add(g))
-            } else {
-                let v: [f32; 8] = std::array::from_fn(|t| if t < count { *p.add(g + t) } else { 0.0 });
-                _mm256_loadu_ps(v.as_ptr())
-            }
-        };
+        let block = |t: usize| row.add((g + t) * B::BYTES);
+        let zero = _mm256_setzero_si256();
+        let v: [[I; 2]; 8] = std::array::from_fn(|t| if t < count { B::unpack(block(t)) } else { [zero; 2] });
+        let head = |t: usize| if t < count { (block(t) as *const i32).read_unaligned() } else { 0 };
+        let heads = _mm256_setr_epi32(head(0), head(1), head(2), head(3), head(4), head(5), head(6), head(7));
+        // d in the low halves of the heads, Q4_1's m in the high ones.
         let halves =
             _mm256_packus_epi32(_mm256_and_si256(heads, _mm256_set1_epi32(0xffff)), _mm256_srli_epi32(heads, 16));
         let halves = _mm256_permute4x64_epi64(halves, 0b11_01_10_00);
         let d = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), _mm256_mul_ps(d, load(scale)), acc);
-        if B::OFFSET {
-            let m = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
-            acc_m = _mm256_fmadd_ps(m, load(sum), acc_m);
+        let m = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+        for (i, &first) in firsts.iter().enumerate() {
+            let load = |p: *const f32| {
+                if count == 8 {
+                    _mm256_loadu_ps(p.add(first + g))
+                } else {
+                    let v: [f32; 8] = std::array::from_fn(|t| if t < count { *p.add(first + g + t) } else { 0.0 });
+                    _mm256_loadu_ps(v.as_ptr())
+                }
+            };
+            let q = a.q.as_ptr().add((first + g) * super::GROUP);
+            let parts = std::array::from_fn(|t| if t < count { block_dot(&v[t], q.add(t * super::GROUP)) } else { zero });
+            let mut ints = sums8(parts);
+            if B::CENTER != 0 {
+                let center = a.center.as_ptr().add(first + g);
+                let c = if count == 8 {
+                    _mm256_loadu_si256(center as *const I)
+                } else {
+                    let c: [i32; 8] = std::array::from_fn(|t| if t < count { *center.add(t) } else { 0 });
+                    _mm256_loadu_si256(c.as_ptr() as *const I)
+                };
+                ints = _mm256_sub_epi32(ints, c);
+            }
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), _mm256_mul_ps(d, load(a.scale.as_ptr())), acc[i]);
+            if B::OFFSET {
+                acc_m[i] = _mm256_fmadd_ps(m, load(a.sum.as_ptr()), acc_m[i]);
+            }
         }
     };
     let full = groups - groups % 8;
@@ -172,10 +165,43 @@ pub unsafe fn dot<B: super::formats::Blocks, const PREFETCH: bool>(
     if full < groups {
         step(full, groups - full);
     }
-    sum_ps(_mm256_add_ps(acc, acc_m))
+    std::array::from_fn(|i| sum_ps(_mm256_add_ps(acc[i], acc_m[i])))
 }
 
-/// `super::gemv::block_rows` with `dot` inlined.
+/// Rows `rows` of out (m, stride) from a matrix of blocks, up to 4 activation rows per pass.
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; shapes checked by `gemv`; each (i, r) of `out` is written by
+/// this call only.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_of<B: super::formats::Blocks, const PREFETCH: bool>(
+    w: &[u8],
+    groups: usize,
+    a: &super::activations::Activations,
+    m: usize,
+    rows: std::ops::Range<usize>,
+    out: super::Out,
+    stride: usize,
+) {
+    for r in rows {
+        let row = w.as_ptr().add(r * groups * B::BYTES);
+        for first in (0..m).step_by(4) {
+            let put = |sums: &[f32]| {
+                for (i, s) in sums.iter().enumerate() {
+                    *out.ptr().add((first + i) * stride + r) = *s;
+                }
+            };
+            let at = |i: usize| (first + i) * groups;
+            match m - first {
+                1 => put(&dots::<B, 1, PREFETCH>(row, groups, a, [at(0)])),
+                2 => put(&dots::<B, 2, PREFETCH>(row, groups, a, [at(0), at(1)])),
+                3 => put(&dots::<B, 3, PREFETCH>(row, groups, a, [at(0), at(1), at(2)])),
+                _ => put(&dots::<B, 4, PREFETCH>(row, groups, a, [at(0), at(1), at(2), at(3)])),
+            }
+        }
+    }
+}
+
+/// `super::gemv::block_rows` on `dots`.
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; as `super::gemv::block_rows`, shapes checked by `gemv`.
 #[allow(clippy::too_many_arguments)]
@@ -190,15 +216,9 @@ pub unsafe fn block_rows<B: super::formats::Blocks>(
     stride: usize,
 ) {
     if prefetch() {
-        // SAFETY: the features are present (this function's contract); each row holds `groups` blocks.
-        super::gemv::block_rows::<B>(w, groups, m, rows, out, stride, |row, first| unsafe {
-            dot::<B, true>(row.as_ptr(), groups, a, first)
-        })
+        rows_of::<B, true>(w, groups, a, m, rows, out, stride)
     } else {
-        // SAFETY: as above.
-        super::gemv::block_rows::<B>(w, groups, m, rows, out, stride, |row, first| unsafe {
-            dot::<B, false>(row.as_ptr(), groups, a, first)
-        })
+        rows_of::<B, false>(w, groups, a, m, rows, out, stride)
     }
 }
 
