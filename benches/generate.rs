@@ -59,7 +59,7 @@ fn granite_shaped(dtype: DType) -> Granite {
         .map(|(name, shape)| (name, Weight::Dense(Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap())))
         .collect();
     let weights = Weights::from_tensors(tensors, dtype, &Device::Cpu);
-    Granite::load(&cfg, &weights, dtype, &Device::Cpu).unwrap()
+    Granite::load(&cfg, &weights, dtype, &Device::Cpu, None).unwrap()
 }
 
 fn ids(len: usize) -> Tensor {
@@ -75,7 +75,7 @@ fn prefill(c: &mut Criterion, name: &str, model: &Granite, lens: &[usize]) {
         group.throughput(Throughput::Elements(len as u64));
         group.bench_function(BenchmarkId::from_parameter(len), |b| {
             b.iter(|| {
-                let mut cache = model.new_cache(len).unwrap();
+                let mut cache = model.new_cache();
                 model.forward(&input, Some(&mut cache), Logits::Last).unwrap()
             })
         });
@@ -89,7 +89,8 @@ fn decode(c: &mut Criterion, name: &str, model: &Granite) {
     group.throughput(Throughput::Elements(1));
     let input = ids(1);
     for context in [128usize, 1024, 4096] {
-        let mut cache = model.new_cache(context + 1).unwrap();
+        let mut cache = model.new_cache();
+        cache.reserve(context + 1).unwrap();
         cache.advance(context);
         group.bench_function(BenchmarkId::new("context", context), |b| {
             b.iter(|| {

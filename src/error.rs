@@ -39,6 +39,14 @@ pub enum Error {
     #[error("the prompt has {prompt} tokens but the context holds {limit}")]
     ContextOverflow { prompt: usize, limit: usize },
 
+    /// Every block of the KV cache pool is held by some sequence.
+    #[error(
+        "the KV cache is full: {needed} more positions do not fit, {free} of {capacity} are free \
+         (kv_cache_bytes={bytes}); load the model with a larger kv_cache_bytes, or let other \
+         generations and sessions end"
+    )]
+    KvCacheFull { needed: usize, free: usize, capacity: usize, bytes: usize },
+
     /// NaN or infinite values where numbers must be finite.
     #[error("numerical error: {0}")]
     Numerical(String),

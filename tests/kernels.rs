@@ -50,6 +50,23 @@ fn randn(shape: &[usize], dtype: DType, seed: u64) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
 }
 
+/// The cache slots of n positions: in order for even `case`s, else scattered over `cap` slots
+/// (as a sequence's blocks lie in a shared pool).
+fn slots(n: usize, cap: usize, case: usize) -> Vec<u32> {
+    if case.is_multiple_of(2) {
+        return (0..n as u32).collect();
+    }
+    let mut keyed: Vec<(u64, u32)> =
+        (0..cap as u32).map(|i| ((i as u64 + case as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17, i)).collect();
+    keyed.sort();
+    keyed.into_iter().take(n).map(|(_, i)| i).collect()
+}
+
+/// The rows of x (b, h, cap, d) at `slots` along dim 2, in f32.
+fn gather(x: &Tensor, slots: &[u32]) -> Result<Tensor> {
+    f32(x)?.index_select(&Tensor::new(slots, &Device::Cpu)?, 2)
+}
+
 fn f32(t: &Tensor) -> Result<Tensor> {
     t.to_device(&Device::Cpu)?.to_dtype(DType::F32)
 }
@@ -160,8 +177,9 @@ fn check_rope_write_kv(gpu: Option<Device>) -> Result<()> {
             let k_cache = randn(&[b, nkv, cap, d], dtype, 300)?;
             let v_cache = randn(&[b, nkv, cap, d], dtype, 400)?;
             let (k_before, v_before) = (k_cache.copy()?, v_cache.copy()?);
+            let at: Vec<u32> = slots(pos + t, cap, i)[pos..].to_vec();
 
-            let q_rot = kernels::rope_write_kv(&q, &k, &v, &cos, &sin, &k_cache, &v_cache, pos)?;
+            let q_rot = kernels::rope_write_kv(&q, &k, &v, &cos, &sin, &k_cache, &v_cache, &at)?;
 
             let rows = |x: &Tensor| x.narrow(D::Minus2, 0, t);
             let (c, s) = (rows(&f32(&cos)?)?.contiguous()?, rows(&f32(&sin)?)?.contiguous()?);
@@ -169,7 +187,9 @@ fn check_rope_write_kv(gpu: Option<Device>) -> Result<()> {
             assert_close(&format!("q {what}"), &q_rot, &rope(&q)?, tolerance(dtype))?;
             let with = |cache: &Tensor, new: &Tensor| -> Result<Tensor> {
                 let cache = f32(cache)?.copy()?;
-                cache.slice_set(new, 2, pos)?;
+                for (j, &slot) in at.iter().enumerate() {
+                    cache.slice_set(&new.narrow(2, j, 1)?.contiguous()?, 2, slot as usize)?;
+                }
                 Ok(cache)
             };
             assert_close(&format!("k_cache {what}"), &k_cache, &with(&k_before, &rope(&k)?)?, tolerance(dtype))?;
@@ -180,7 +200,7 @@ fn check_rope_write_kv(gpu: Option<Device>) -> Result<()> {
                 let (q, k, v) = qkv_views(&qkv, nh, nkv, d)?;
                 let (cos, sin) = (cos.to_device(dev)?, sin.to_device(dev)?);
                 let (kc, vc) = (k_before.to_device(dev)?, v_before.to_device(dev)?);
-                let q_gpu = kernels::rope_write_kv(&q, &k, &v, &cos, &sin, &kc, &vc, pos)?;
+                let q_gpu = kernels::rope_write_kv(&q, &k, &v, &cos, &sin, &kc, &vc, &at)?;
                 assert_close(&format!("cuda q {what}"), &q_gpu, &q_rot, tolerance(dtype))?;
                 assert_close(&format!("cuda k_cache {what}"), &kc, &k_cache, tolerance(dtype))?;
                 assert_close(&format!("cuda v_cache {what}"), &vc, &v_cache, 0.0)?;
@@ -211,11 +231,12 @@ fn check_decode_attention(gpu: Option<Device>) -> Result<()> {
             let k_cache = randn(&[b, nkv, cap, d], dtype, 10 + i as u64)?;
             let v_cache = randn(&[b, nkv, cap, d], dtype, 20 + i as u64)?;
             let scale = 1.0 / (d as f64).sqrt();
+            let at = slots(len, cap, i);
 
-            let out = kernels::decode_attention(&q, &k_cache, &v_cache, len, scale)?;
+            let out = kernels::decode_attention(&q, &k_cache, &v_cache, &at, scale)?;
 
             let rep = nh / nkv;
-            let keys = |c: &Tensor| f32(&c.narrow(2, 0, len)?);
+            let keys = |c: &Tensor| gather(c, &at);
             let qf = (f32(&q)?.contiguous()? * scale)?.reshape((b, nkv, rep, d))?;
             let scores = qf.matmul(&keys(&k_cache)?.t()?)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -226,7 +247,7 @@ fn check_decode_attention(gpu: Option<Device>) -> Result<()> {
                 let qkv = qkv.to_device(dev)?;
                 let (q, _, _) = qkv_views(&qkv, nh, nkv, d)?;
                 let (kc, vc) = (k_cache.to_device(dev)?, v_cache.to_device(dev)?);
-                let on_gpu = kernels::decode_attention(&q, &kc, &vc, len, scale)?;
+                let on_gpu = kernels::decode_attention(&q, &kc, &vc, &at, scale)?;
                 assert_close(&format!("cuda attention {what}"), &on_gpu, &out, tolerance(dtype))?;
             }
         }
@@ -287,23 +308,24 @@ fn prefill_attention() -> Result<()> {
             let what = format!("{dtype:?} case {i}");
             let len = start + t;
             let q = randn(&[b, nh, t, d], dtype, 60 + i as u64)?;
-            // Keys and values as the model has them: the first len positions of a cache.
+            // Keys and values as the model has them: len positions at some slots of a cache.
             let k_cache = randn(&[b, nkv, cap, d], dtype, 70 + i as u64)?;
             let v_cache = randn(&[b, nkv, cap, d], dtype, 80 + i as u64)?;
-            let (k, v) = (k_cache.narrow(2, 0, len)?, v_cache.narrow(2, 0, len)?);
+            let at = slots(len, cap, i);
+            let (k, v) = (gather(&k_cache, &at)?, gather(&v_cache, &at)?);
             let scale = 1.0 / (d as f64).sqrt();
 
-            let out = kernels::prefill_attention(&q, &k, &v, start, scale)?;
+            let out = kernels::prefill_attention(&q, &k_cache, &v_cache, &at, scale)?;
 
             let rep = nh / nkv;
             let qf = (f32(&q)? * scale)?.reshape((b, nkv, rep * t, d))?;
-            let scores = qf.matmul(&f32(&k)?.t()?)?.reshape((b, nh, t, len))?;
+            let scores = qf.matmul(&k.t()?)?.reshape((b, nh, t, len))?;
             let mask: Vec<f32> = (0..t)
                 .flat_map(|r| (0..len).map(move |j| if j <= start + r { 0.0 } else { f32::NEG_INFINITY }))
                 .collect();
             let mask = Tensor::from_vec(mask, (t, len), &Device::Cpu)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-            let want = probs.reshape((b, nkv, rep * t, len))?.matmul(&f32(&v)?)?.reshape((b, nh, t, d))?;
+            let want = probs.reshape((b, nkv, rep * t, len))?.matmul(&v)?.reshape((b, nh, t, d))?;
             assert_close(&format!("prefill attention {what}"), &out, &want, tolerance(dtype))?;
         }
     }
@@ -313,12 +335,13 @@ fn prefill_attention() -> Result<()> {
     keys[64] = f32::NAN;
     let k = Tensor::from_vec(keys, (1, 1, 3, 64), &Device::Cpu)?;
     let v = randn(&[1, 1, 3, 64], DType::F32, 3)?;
-    let out = kernels::prefill_attention(&q, &k, &v, 0, 0.125)?.flatten_all()?.to_vec1::<f32>()?;
+    let out = kernels::prefill_attention(&q, &k, &v, &[0, 1, 2], 0.125)?.flatten_all()?.to_vec1::<f32>()?;
     let nan_rows: Vec<bool> = (0..3).map(|r| out[r * 64..(r + 1) * 64].iter().any(|x| x.is_nan())).collect();
     assert_eq!(nan_rows, [false, true, true], "query 0 does not see key 1");
+    assert!(kernels::prefill_attention(&q, &k, &k, &[0, 1], 1.0).is_err(), "fewer key positions than queries");
     assert!(
-        kernels::prefill_attention(&q, &k.narrow(2, 0, 2)?, &k.narrow(2, 0, 2)?, 0, 1.0).is_err(),
-        "len != start + t"
+        kernels::prefill_attention(&q, &k.narrow(2, 0, 2)?, &k.narrow(2, 0, 2)?, &[0, 1, 2], 1.0).is_err(),
+        "a slot past the keys"
     );
     Ok(())
 }
@@ -328,10 +351,14 @@ fn bad_arguments_are_errors() -> Result<()> {
     let x = randn(&[1, 2, 3, 8], DType::F32, 1)?;
     let cache = Tensor::zeros((1, 2, 4, 8), DType::F32, &Device::Cpu)?;
     let cs = Tensor::ones((3, 4), DType::F32, &Device::Cpu)?;
-    // pos + t beyond the capacity
-    assert!(kernels::rope_write_kv(&x, &x, &x, &cs, &cs, &cache, &cache.copy()?, 2).is_err());
-    // len beyond the capacity
-    assert!(kernels::decode_attention(&x.narrow(2, 0, 1)?, &cache, &cache, 5, 1.0).is_err());
+    // a slot beyond the capacity, a slot twice, fewer slots than positions
+    for at in [[2, 3, 4], [0, 1, 1]] {
+        assert!(kernels::rope_write_kv(&x, &x, &x, &cs, &cs, &cache, &cache.copy()?, &at).is_err(), "{at:?}");
+    }
+    assert!(kernels::rope_write_kv(&x, &x, &x, &cs, &cs, &cache, &cache.copy()?, &[0, 1]).is_err());
+    // a slot beyond the capacity; no positions
+    assert!(kernels::decode_attention(&x.narrow(2, 0, 1)?, &cache, &cache, &[0, 4], 1.0).is_err());
+    assert!(kernels::decode_attention(&x.narrow(2, 0, 1)?, &cache, &cache, &[], 1.0).is_err());
     // mixed dtypes
     assert!(kernels::rms_norm(&x, &Tensor::ones(8, DType::F16, &Device::Cpu)?, 1e-6).is_err());
     assert!(kernels::swiglu(&randn(&[2, 5], DType::F32, 1)?).is_err());

@@ -34,7 +34,7 @@ fn last_position_logits_rank_like_transformers() {
     for (precision, tol) in [(Precision::Exact, 1e-3), (Precision::Fast, 1e-2), (Precision::Int8, 6e-2)] {
         let weights =
             Weights::from_tensors(gguf.weights(&cfg).unwrap(), DType::F32, &Device::Cpu).with_precision(precision);
-        let model = Granite::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap();
+        let model = Granite::load(&cfg, &weights, DType::F32, &Device::Cpu, None).unwrap();
         for (name, case) in reference()["prompts"].as_object().unwrap() {
             let input = Tensor::new(ids(&case["input_ids"]).as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
             let logits = model.forward(&input, None, Logits::Last).unwrap().flatten_all().unwrap();

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import granite_rs
 from granite_rs import Generator
 
 # Every test here needs the real model: skipped or failed by the fixture before it starts.
@@ -132,3 +133,72 @@ def test_per_row_keywords(smol):
     assert both == [smol.generate(p, max_new_tokens=8, ignore_eos=True, stop=["zz", "yy"]) for p in prompts]
     rows = smol.generate_batch(prompts, max_new_tokens=8, ignore_eos=True, stop=[["zz"], ["yy"]])
     assert rows == [smol.generate(p, max_new_tokens=8, ignore_eos=True, stop=s) for p, s in zip(prompts, ["zz", "yy"])]
+
+
+# --- the KV cache pool -------------------------------------------------------------------------
+
+# SmolLM2 computing in float32: 30 layers, 3 kv heads of 64, k and v, 4 bytes.
+POSITION_BYTES = 30 * 3 * 64 * 2 * 4
+
+
+def pool_of(gguf, blocks: int) -> Generator:
+    return Generator(gguf, kv_cache_bytes=blocks * 16 * POSITION_BYTES)
+
+
+def test_kv_cache_budget_is_reported_and_defaults_to_the_context(smol, real_model_gguf):
+    info = smol.model_info
+    assert info["kv_block_positions"] == 16
+    # One sequence of the whole context (8192), within 1 and 16 GiB.
+    assert info["kv_cache_bytes"] == max(8192 * POSITION_BYTES, 1 << 30) // (16 * POSITION_BYTES) * 16 * POSITION_BYTES
+    assert info["kv_cache_positions"] == info["kv_cache_bytes"] // POSITION_BYTES
+    assert info["kv_cache_free_positions"] == info["kv_cache_positions"]
+    g = pool_of(real_model_gguf, 3)
+    assert (g.model_info["kv_cache_positions"], g.model_info["kv_cache_bytes"]) == (48, 48 * POSITION_BYTES)
+    with pytest.raises(ValueError, match=r"kv_cache_bytes=1000 is less than one block of the KV cache"):
+        Generator(real_model_gguf, kv_cache_bytes=1000)
+    with pytest.raises((OverflowError, TypeError), match="kv_cache_bytes"):
+        Generator(real_model_gguf, kv_cache_bytes=-1)
+
+
+def test_a_full_pool_is_a_clear_error_and_the_model_stays_usable(real_model_gguf):
+    g = pool_of(real_model_gguf, 2)  # 32 positions
+    short = dict(max_new_tokens=8, ignore_eos=True)
+    want = g.generate("Once upon a", **short)
+    with pytest.raises(granite_rs.GraniteError, match=r"the KV cache is full: .* kv_cache_bytes"):
+        g.generate("Once upon a", max_new_tokens=40, ignore_eos=True)
+    with pytest.raises(granite_rs.GraniteError, match=r"the KV cache is full"):
+        list(g.stream("x " * 40, max_new_tokens=2))
+    assert g.model_info["kv_cache_free_positions"] == 32, "a failed call gives its blocks back"
+    assert g.generate("Once upon a", **short) == want
+
+
+def test_sessions_hold_blocks_until_they_let_go(real_model_gguf):
+    g = pool_of(real_model_gguf, 8)
+    free = lambda: g.model_info["kv_cache_free_positions"]  # noqa: E731
+    s = g.session()
+    s.generate("Once upon a time", max_new_tokens=20, ignore_eos=True)
+    held = 128 - free()
+    assert held == -(-len(s.cached_ids) // 16) * 16
+    copy = s.fork()
+    assert 128 - free() == 2 * held
+    assert copy.generate("Once upon a time", max_new_tokens=5) == s.generate("Once upon a time", max_new_tokens=5)
+    s.truncate(3)
+    del copy
+    assert 128 - free() == 16
+    s.reset()
+    assert free() == 128
+
+
+def test_batch_rows_wait_for_room_and_equal_alone(real_model_gguf):
+    """Rows that cannot all fit the pool at once take turns, and give what each gives alone."""
+    g = pool_of(real_model_gguf, 10)  # 160 positions: two rows of about 70 at a time
+    prompts = batch_prompts(g)
+    kw = dict(max_new_tokens=20, ignore_eos=True, do_sample=True)
+    seeds = list(range(len(prompts)))
+    alone = [g.generate(p, seed=s, **kw) for p, s in zip(prompts, seeds)]
+    assert g.generate_batch(prompts, seed=seeds, **kw) == alone
+    assert g.model_info["kv_cache_free_positions"] == 160
+    # A row that needs more than the whole pool runs alone and fails as it would alone.
+    with pytest.raises(granite_rs.GraniteError, match=r"the KV cache is full"):
+        g.generate_batch(prompts[:2], max_new_tokens=200, ignore_eos=True)
+    assert g.model_info["kv_cache_free_positions"] == 160

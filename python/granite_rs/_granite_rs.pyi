@@ -179,6 +179,13 @@ class Generator(_Generates):
     coarser: greedy tokens may differ), the others as ``"fast"``; ``"exact"``: float32
     activations in every prompt product. Decode is the same in all three.
 
+    ``kv_cache_bytes`` is the memory of every sequence's KV cache together (generations, streams,
+    sessions, batch rows), set aside at load in blocks of 16 positions; a sequence takes blocks as
+    it grows and gives them back when it ends or is truncated. Default: one sequence of the whole
+    context, within 1 and 16 GiB (on the CPU its pages are used only once written).
+    ``model_info`` reports it. When it is full, a ``generate_batch`` row waits for rows before it
+    to finish; another call raises GraniteError saying so.
+
     A Generator is immutable and thread-safe; every call gets its own KV cache, and all model work
     runs with the GIL released.
 
@@ -208,6 +215,7 @@ class Generator(_Generates):
         quantize: Optional[Literal["none", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]] = None,
         num_threads: Optional[int] = None,
         matmul_precision: Optional[Literal["fast", "int8", "exact"]] = None,
+        kv_cache_bytes: Optional[int] = None,
     ) -> Generator: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""
@@ -260,7 +268,9 @@ class Generator(_Generates):
         or "GGUF file"), ``architecture``, ``model_type``, ``name``, ``num_hidden_layers``,
         ``hidden_size``, ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``,
         ``torch_dtype`` (the stored dtype, or a GGUF's file type such as "Q4_1"), ``parameters``
-        and ``trained_context_length``."""
+        and ``trained_context_length``; and the KV cache pool: ``kv_cache_bytes``,
+        ``kv_cache_positions`` (all sequences together), ``kv_cache_free_positions`` (now) and
+        ``kv_block_positions``."""
 
 @final
 class Session(_Generates):

@@ -52,6 +52,8 @@ pub struct LoadOptions {
     pub precision: Precision,
     /// CPU threads; None: one per physical core. Process-wide, fixed by the first load.
     pub num_threads: Option<usize>,
+    /// The KV cache budget of all sequences together (`Granite::load`).
+    pub kv_cache_bytes: Option<usize>,
 }
 
 impl Generator {
@@ -86,7 +88,7 @@ impl Generator {
             stored_dtype: config.dtype.clone().or_else(|| config.torch_dtype.clone()),
             trained_context_length: None,
         };
-        Self::assemble(config, weights, tokenizer, defaults, chat_template, info, dtype, device)
+        Self::assemble(config, weights, tokenizer, defaults, chat_template, info, (dtype, device, opts))
     }
 
     /// A GGUF file: config, tokenizer and chat template from its metadata.
@@ -107,7 +109,7 @@ impl Generator {
             trained_context_length: Some(config.max_position_embeddings),
         };
         let defaults = GenerationDefaults::default();
-        Self::assemble(config, weights, tokenizer, defaults, chat_template, info, dtype, device)
+        Self::assemble(config, weights, tokenizer, defaults, chat_template, info, (dtype, device, opts))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -118,10 +120,9 @@ impl Generator {
         defaults: GenerationDefaults,
         chat_template: Option<ChatTemplate>,
         info: ModelInfo,
-        dtype: DType,
-        device: &Device,
+        (dtype, device, opts): (DType, &Device, &LoadOptions),
     ) -> Result<Self> {
-        let model = Granite::load(&config, &weights, dtype, device)?;
+        let model = Granite::load(&config, &weights, dtype, device, opts.kv_cache_bytes)?;
         let mut eos_token_ids = config.eos_token_ids();
         for id in defaults.eos_token_id.iter().flat_map(|e| e.to_vec()) {
             if !eos_token_ids.contains(&id) {

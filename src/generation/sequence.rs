@@ -25,7 +25,7 @@ pub struct Sequence {
 
 impl Sequence {
     pub fn new(generator: Arc<Generator>, prompt: Vec<u32>, params: GenerateParams) -> Result<Self> {
-        let cache = generator.model().new_cache(0)?;
+        let cache = generator.model().new_cache();
         Self::resume(generator, cache, &[], prompt, params)
     }
 
@@ -38,13 +38,10 @@ impl Sequence {
         prompt: Vec<u32>,
         params: GenerateParams,
     ) -> Result<Self> {
-        let max_new_tokens = Request::check(&generator, &prompt, &params)?;
+        Request::check(&generator, &prompt, &params)?;
         // At least the last prompt token is fed again: its logits pick the first new token.
         let common = cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
         cache.truncate(common);
-        // The cache grows by doubling past this, so a huge max_new_tokens costs nothing up front.
-        let room = (prompt.len() + max_new_tokens.min(1024)).min(generator.context_length());
-        cache.reserve(room - common)?;
         let pending = prompt[common..].to_vec();
         let request = Request::new(generator.clone(), prompt, params, common)?;
         Ok(Self { generator, cache, request, pending, cancel: Arc::new(AtomicBool::new(false)) })

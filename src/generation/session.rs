@@ -19,7 +19,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(generator: Arc<Generator>) -> Result<Self> {
-        let cache = generator.model().new_cache(0)?;
+        let cache = generator.model().new_cache();
         Ok(Self { generator, cache: Some(cache), cached: Vec::new() })
     }
 
@@ -51,7 +51,7 @@ impl Session {
         self.cache.is_none()
     }
 
-    /// Forgets everything; the cache's memory stays for reuse.
+    /// Forgets everything; the cache's blocks go back to the pool.
     pub fn reset(&mut self) -> Result<()> {
         self.truncate(0)
     }
@@ -63,7 +63,7 @@ impl Session {
         Ok(())
     }
 
-    /// An independent copy: same cached tokens, no shared storage.
+    /// An independent copy: same cached tokens, blocks of its own.
     pub fn fork(&self) -> Result<Self> {
         let cache = self.cache.as_ref().ok_or_else(Self::busy)?.try_clone()?;
         Ok(Self { generator: self.generator.clone(), cache: Some(cache), cached: self.cached.clone() })

@@ -48,13 +48,15 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.apply_op2_no_bwd(weight, &RmsNorm { eps: eps as f32, scale: None })
 }
 
-/// Rotate-half RoPE on q and k (as `candle_nn::rotary_emb::rope`), the rotated k and v written into
-/// the caches at positions pos..pos + t. Returns the rotated q, (b, n_heads, t, head_dim) contiguous.
+/// Rotate-half RoPE on q and k (as `candle_nn::rotary_emb::rope`), the rotated k and v of new
+/// position i written into the caches at slot `slots[i]` (dim 2). Returns the rotated q,
+/// (b, n_heads, t, head_dim) contiguous.
 ///
 /// q (b, n_heads, t, head_dim), k and v (b, n_kv, t, head_dim): any strides with the last one 1,
 /// so views of the qkv projection need no copy. cos, sin: (t_cs, head_dim / 2) or per row
 /// (b, t_cs, head_dim / 2), t_cs >= t (the first t rows are used), contiguous. Caches
-/// (b, n_kv, capacity, head_dim), contiguous, pos + t <= capacity. All of one dtype and device.
+/// (b, n_kv, slots, head_dim), contiguous; `slots` has t distinct entries below their count. All
+/// of one dtype and device.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_write_kv(
     q: &Tensor,
@@ -64,7 +66,7 @@ pub fn rope_write_kv(
     sin: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
-    pos: usize,
+    slots: &[u32],
 ) -> Result<Tensor> {
     let (b, _, t, d) = q.dims4()?;
     let bad_q = q.stride()[3] != 1 || d % 2 != 0;
@@ -72,49 +74,66 @@ pub fn rope_write_kv(
         bail!("rope_write_kv: q {:?}, k {:?}, v {:?} do not match", q.shape(), k.shape(), v.shape());
     }
     check_tables(cos, sin, b, t, d)?;
-    check_cache(k_cache, k, pos)?;
-    check_cache(v_cache, v, pos)?;
-    k_cache.inplace_op2(k, &CacheWrite { tables: Some((cos, sin)), pos })?;
-    v_cache.inplace_op2(v, &CacheWrite { tables: None, pos })?;
+    check_cache(k_cache, k, slots)?;
+    check_cache(v_cache, v, slots)?;
+    k_cache.inplace_op2(k, &CacheWrite { tables: Some((cos, sin)), slots })?;
+    v_cache.inplace_op2(v, &CacheWrite { tables: None, slots })?;
     q.apply_op3_no_bwd(cos, sin, &Rope)
 }
 
-/// Attention of one query per (row, head) over the first `len` cached positions, GQA (n_heads a
-/// multiple of n_kv), softmax(scale q k^T) v in f32 without a mask. q (b, n_heads, 1, head_dim),
-/// caches (b, n_kv, capacity, head_dim), each with any strides but the last 1; head_dim <= 256.
-/// Returns (b, n_heads, 1, head_dim) contiguous, so `.reshape((b, 1, n_heads * head_dim))` is free.
-pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, scale: f64) -> Result<Tensor> {
+/// Attention of one query per (row, head) over the cached positions 0..slots.len(), position p
+/// at slot `slots[p]` of the caches (dim 2), GQA (n_heads a multiple of n_kv), softmax(scale q
+/// k^T) v in f32 without a mask. q (b, n_heads, 1, head_dim), caches (b, n_kv, cache slots,
+/// head_dim), each with any strides but the last 1; head_dim <= 256. Returns (b, n_heads, 1,
+/// head_dim) contiguous, so `.reshape((b, 1, n_heads * head_dim))` is free.
+pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slots: &[u32], scale: f64) -> Result<Tensor> {
     let (b, nh, t, d) = q.dims4()?;
     let (kb, nkv, cap, kd) = k_cache.dims4()?;
     if t != 1 || kb != b || kd != d || v_cache.dims4()? != (kb, nkv, cap, kd) || nkv == 0 || nh % nkv != 0 {
         bail!("decode_attention: q {:?}, caches {:?} {:?}", q.shape(), k_cache.shape(), v_cache.shape());
     }
-    if len == 0 || len > cap || d > 256 {
-        bail!("decode_attention: len {len} of capacity {cap}, head_dim {d} (at most 256)");
+    if slots.is_empty() || slots.iter().any(|&s| s as usize >= cap) || d > 256 {
+        bail!("decode_attention: {} positions in {cap} slots, head_dim {d} (at most 256)", slots.len());
     }
     for (name, x) in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] {
         if x.stride()[3] != 1 {
             bail!("decode_attention: {name} needs a last stride of 1");
         }
     }
-    q.apply_op3_no_bwd(k_cache, v_cache, &DecodeAttention { len, scale: scale as f32 })
+    if q.device().is_cpu() {
+        return q.apply_op3_no_bwd(k_cache, v_cache, &DecodeAttention { slots, scale: scale as f32 });
+    }
+    // Our CUDA kernel reads positions in order.
+    let (k, v) = (gather_slots(k_cache, slots)?, gather_slots(v_cache, slots)?);
+    let in_order: Vec<u32> = (0..slots.len() as u32).collect();
+    q.apply_op3_no_bwd(&k, &v, &DecodeAttention { slots: &in_order, scale: scale as f32 })
 }
 
-/// Causal attention of t queries after `start` cached positions, on the CPU, in tiles (no
-/// (t, start + t) score matrix is formed): query i sees keys 0..=start + i, softmax(scale q k^T) v
-/// in f32. q (b, n_heads, t, head_dim), k and v (b, n_kv, start + t, head_dim), each with any
-/// strides but the last 1, n_heads a multiple of n_kv. Returns (b, n_heads, t, head_dim) contiguous.
-pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, scale: f64) -> Result<Tensor> {
+/// Causal attention of t queries, the last t of the key positions 0..slots.len(), on the CPU,
+/// in tiles (no score matrix is formed): query i sees keys 0..=slots.len() - t + i, key position
+/// p at slot `slots[p]` of k and v (dim 2), softmax(scale q k^T) v in f32. q (b, n_heads, t,
+/// head_dim), k and v (b, n_kv, slots, head_dim), each with any strides but the last 1, n_heads
+/// a multiple of n_kv. Returns (b, n_heads, t, head_dim) contiguous.
+pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, slots: &[u32], scale: f64) -> Result<Tensor> {
     let (b, nh, t, d) = q.dims4()?;
-    let (kb, nkv, len, kd) = k.dims4()?;
-    let bad = t == 0 || kb != b || kd != d || nkv == 0 || nh % nkv != 0 || len != start + t;
-    if bad || v.dims4()? != (kb, nkv, len, kd) {
-        bail!("prefill_attention: q {:?}, k {:?}, v {:?} after {start} cached", q.shape(), k.shape(), v.shape());
+    let (kb, nkv, cap, kd) = k.dims4()?;
+    let bad = t == 0 || kb != b || kd != d || nkv == 0 || nh % nkv != 0 || slots.len() < t;
+    if bad || v.dims4()? != (kb, nkv, cap, kd) || slots.iter().any(|&s| s as usize >= cap) {
+        bail!("prefill_attention: q {:?}, k {:?}, v {:?}, {} key positions", q.shape(), k.shape(), v.shape(), slots.len());
     }
     if [q, k, v].iter().any(|x| x.stride()[3] != 1 || !x.device().is_cpu()) {
         bail!("prefill_attention: q, k and v need a last stride of 1, on the CPU");
     }
-    q.apply_op3_no_bwd(k, v, &PrefillAttention { start, scale: scale as f32 })
+    q.apply_op3_no_bwd(k, v, &PrefillAttention { slots, scale: scale as f32 })
+}
+
+/// cache (b, h, cache slots, d) at `slots` along dim 2, in their order: (b, h, slots.len(), d), a
+/// view when the slots are 0, 1, 2, ..., else a copy.
+pub fn gather_slots(cache: &Tensor, slots: &[u32]) -> Result<Tensor> {
+    if slots.iter().enumerate().all(|(p, &s)| s as usize == p) {
+        return cache.narrow(2, 0, slots.len());
+    }
+    cache.index_select(&Tensor::new(slots, cache.device())?, 2)
 }
 
 /// Greedy decoding's pick from f32 logits (vocab,) on any device: the first index of the largest
@@ -156,12 +175,14 @@ fn check_tables(cos: &Tensor, sin: &Tensor, b: usize, t: usize, d: usize) -> Res
     Ok(())
 }
 
-/// Whether x (b, h, t, d) can be written into `cache` (b, h, cap, d) at `pos`.
-fn check_cache(cache: &Tensor, x: &Tensor, pos: usize) -> Result<()> {
+/// Whether x (b, h, t, d) can be written into `cache` (b, h, cache slots, d) at `slots`.
+fn check_cache(cache: &Tensor, x: &Tensor, slots: &[u32]) -> Result<()> {
     let (b, h, t, d) = x.dims4()?;
     let (cb, ch, cap, cd) = cache.dims4()?;
-    if (cb, ch, cd) != (b, h, d) || pos + t > cap || !cache.is_contiguous() || x.stride()[3] != 1 || d % 2 != 0 {
-        bail!("rope_write_kv: cannot write {:?} into cache {:?} at {pos}", x.layout(), cache.shape());
+    let mut seen = vec![false; cap];
+    let distinct = slots.iter().all(|&s| (s as usize) < cap && !std::mem::replace(&mut seen[s as usize], true));
+    if (cb, ch, cd) != (b, h, d) || slots.len() != t || !distinct || !cache.is_contiguous() || x.stride()[3] != 1 || d % 2 != 0 {
+        bail!("rope_write_kv: cannot write {:?} into cache {:?} at {} slots", x.layout(), cache.shape(), slots.len());
     }
     Ok(())
 }

@@ -33,7 +33,8 @@ impl RopeShape {
 }
 
 /// (q, k_cache, v_cache) -> attention output; see `decode_attention`.
-pub(crate) struct DecodeAttention {
-    pub len: usize,
+pub(crate) struct DecodeAttention<'a> {
+    /// The cache slot of each position attended to.
+    pub slots: &'a [u32],
     pub scale: f32,
 }

@@ -7,7 +7,6 @@ use crate::config::GraniteConfig;
 use crate::error::Result;
 use crate::kernels;
 use crate::loading::safetensors::Weights;
-use crate::model::kv_cache::KvCache;
 use crate::model::linear::{Linear, PackedRows};
 use crate::model::span::{Positions, SpanRows};
 
@@ -46,19 +45,20 @@ impl Attention {
 
     /// x: (1, T, hidden), the rows of `spans` one after another -> (1, T, hidden). Each span's
     /// cache holds this layer at `layer`.
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        spans: &mut [SpanRows],
-        layer: usize,
-        packed: &PackedRows,
-    ) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, spans: &[SpanRows], layer: usize, packed: &PackedRows) -> Result<Tensor> {
         let total = x.dim(1)?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward_packed(x, packed)?.reshape((1, total, nh + 2 * nkv, hd))?;
         let mut outs = spans
-            .iter_mut()
-            .map(|s| self.attend(&qkv.narrow(1, s.offset, s.len)?, &s.pos, s.cache.as_deref_mut().map(|c| (c, layer))))
+            .iter()
+            .map(|s| {
+                self.attend(
+                    &qkv.narrow(1, s.offset, s.len)?,
+                    &s.pos,
+                    &s.slots,
+                    s.cache.as_deref().map(|c| c.layer(layer)),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let out = match outs.len() {
             1 => outs.pop().expect("one span"),
@@ -68,23 +68,30 @@ impl Attention {
     }
 
     /// One span's attention: qkv (b, t, n_heads + 2 n_kv_heads, head_dim) -> (b, t, n_heads * head_dim).
-    fn attend(&self, qkv: &Tensor, pos: &Positions, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    /// With a cache (this layer's k and v storage), the keys of the span's positions go to the
+    /// last t of `slots`, and every key is read from there.
+    fn attend(
+        &self,
+        qkv: &Tensor,
+        pos: &Positions,
+        slots: &[u32],
+        cache: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
         let (b, t, _, _) = qkv.dims4()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // Views of the projection, (b, heads, t, hd) each: the ops below read them in place.
         let heads = |start: usize, n: usize| qkv.narrow(2, start, n)?.transpose(1, 2);
         let (q, k, v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
         let (q, k, v) = match cache {
-            Some((cache, layer)) => {
-                let start = cache.len();
-                let (k_cache, v_cache) = cache.layer(layer);
-                let q = kernels::rope_write_kv(&q, &k, &v, &pos.cos, &pos.sin, k_cache, v_cache, start)?;
+            Some((k_cache, v_cache)) => {
+                let new = &slots[slots.len() - t..];
+                let q = kernels::rope_write_kv(&q, &k, &v, &pos.cos, &pos.sin, k_cache, v_cache, new)?;
                 if pos.mask.is_none() && t == 1 {
                     // One query: attention straight over the cache.
-                    let out = kernels::decode_attention(&q, k_cache, v_cache, start + 1, self.scale)?;
+                    let out = kernels::decode_attention(&q, k_cache, v_cache, slots, self.scale)?;
                     return Ok(out.reshape((b, 1, nh * hd))?);
                 }
-                (q, k_cache.narrow(2, 0, start + t)?, v_cache.narrow(2, 0, start + t)?)
+                (q, k_cache.clone(), v_cache.clone())
             }
             None => {
                 let rope = |x: &Tensor| candle_nn::rotary_emb::rope(&x.contiguous()?, &pos.cos, &pos.sin);
@@ -93,8 +100,11 @@ impl Attention {
         };
         let out = match &pos.mask {
             // On the CPU: causal attention in tiles, with no score matrix.
-            None if q.device().is_cpu() => kernels::prefill_attention(&q, &k, &v, k.dim(2)? - t, self.scale)?,
-            mask => self.attention_by_scores(&q, &k, &v, mask.as_ref())?,
+            None if q.device().is_cpu() => kernels::prefill_attention(&q, &k, &v, slots, self.scale)?,
+            mask => {
+                let (k, v) = (kernels::gather_slots(&k, slots)?, kernels::gather_slots(&v, slots)?);
+                self.attention_by_scores(&q, &k, &v, mask.as_ref())?
+            }
         };
         Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }

@@ -4,6 +4,7 @@
 //! each span over its own cache.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -13,6 +14,7 @@ use crate::kernels;
 use crate::loading::safetensors::Weights;
 use crate::loading::weight::Weight;
 use crate::model::kv_cache::KvCache;
+use crate::model::kv_pool::KvPool;
 use crate::model::layer::DecoderLayer;
 use crate::model::linear::{Linear, PackedRows};
 use crate::model::mask::causal_mask;
@@ -35,13 +37,31 @@ pub struct Granite {
     /// Shares `embed_tokens` when the embeddings are tied.
     lm_head: Linear,
     rotary: RotaryEmbedding,
+    /// Every sequence's KV cache memory.
+    kv_pool: Arc<KvPool>,
+    /// Held by the forward that runs; see `forward_spans`.
+    turn: Mutex<()>,
     cfg: GraniteConfig,
     dtype: DType,
     device: Device,
 }
 
+/// The KV cache budget when none is given: one sequence of the whole context, within 1 to 16 GiB.
+fn default_kv_cache_bytes(cfg: &GraniteConfig, dtype: DType) -> usize {
+    let per_position = 2 * cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim() * dtype.size_in_bytes();
+    per_position.saturating_mul(cfg.context_length()).clamp(1 << 30, 16 << 30)
+}
+
 impl Granite {
-    pub fn load(cfg: &GraniteConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+    /// `kv_cache_bytes`: the budget of every sequence's KV cache together; None: one sequence of
+    /// the whole context, within 1 to 16 GiB.
+    pub fn load(
+        cfg: &GraniteConfig,
+        w: &Weights,
+        dtype: DType,
+        device: &Device,
+        kv_cache_bytes: Option<usize>,
+    ) -> Result<Self> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = w.matrix("model.embed_tokens.weight", [vocab, hidden])?;
         let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(w, cfg, i)).collect::<Result<Vec<_>>>()?;
@@ -51,12 +71,16 @@ impl Granite {
             Linear::load(w, "lm_head", vocab, hidden, false)?
         };
         let rotary = RotaryEmbedding::new(cfg.rope()?, cfg.head_dim(), cfg.max_position_embeddings, dtype, device);
+        let budget = kv_cache_bytes.unwrap_or_else(|| default_kv_cache_bytes(cfg, dtype));
+        let kv_pool = KvPool::new(cfg.num_hidden_layers, (cfg.num_kv_heads(), cfg.head_dim()), budget, dtype, device)?;
         Ok(Self {
             embed_tokens,
             layers,
             norm: w.get("model.norm.weight", &[hidden])?,
             lm_head,
             rotary,
+            kv_pool: Arc::new(kv_pool),
+            turn: Mutex::new(()),
             cfg: cfg.clone(),
             dtype,
             device: device.clone(),
@@ -89,10 +113,13 @@ impl Granite {
         &self.device
     }
 
-    /// An empty cache for one sequence of up to `capacity` tokens.
-    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        let c = &self.cfg;
-        KvCache::new(c.num_hidden_layers, c.num_kv_heads(), c.head_dim(), capacity, self.dtype, &self.device)
+    /// An empty cache for one sequence, which takes blocks from the pool as it grows.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.kv_pool.clone())
+    }
+
+    pub fn kv_pool(&self) -> &KvPool {
+        &self.kv_pool
     }
 
     /// ids: (1, t) u32, continuing the sequence in `cache` (or a fresh one without it).
@@ -120,7 +147,12 @@ impl Granite {
 
     /// One forward over several sequences' spans. Returns per span f32 logits (len, vocab) for
     /// `Logits::All`, (1, vocab) for `Logits::Last`. Each span's result is what it gives alone.
+    ///
+    /// One forward runs at a time; calls from other threads wait their turn here, outside the
+    /// thread pool. Every forward writes the pool's buffers, and a forward that held a buffer's
+    /// lock while its pool thread took up another forward's work would wait on itself.
     pub fn forward_spans(&self, spans: &mut [Span], opts: &ForwardOptions) -> Result<Vec<Tensor>> {
+        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
         if self.device.is_cpu() {
             // The whole forward on one of rayon's threads, so that each matmul's parallel loop
             // starts inside the pool rather than waking this thread at its end (measured on the
@@ -145,12 +177,16 @@ impl Granite {
             }
             let mut cache = span.cache.as_deref_mut();
             let start = cache.as_ref().map_or(0, |c| c.len());
-            if let Some(c) = cache.as_deref_mut() {
-                c.reserve(len)?;
-            }
+            let slots = match cache.as_deref_mut() {
+                Some(c) => {
+                    c.reserve(len)?;
+                    c.slots(start + len)
+                }
+                None => (0..len as u32).collect(),
+            };
             let (cos, sin) = self.rotary.cos_sin(start, len)?;
             let pos = Positions { cos, sin, mask: causal_mask(start, len, self.dtype, &self.device)? };
-            rows.push(SpanRows { offset: ids.len(), len, pos, cache });
+            rows.push(SpanRows { offset: ids.len(), len, pos, slots, cache });
             ids.extend_from_slice(span.tokens);
         }
         let packed = PackedRows::new(rows.iter().map(|r| r.len));

@@ -1,44 +1,24 @@
-//! One sequence's per-layer key/value cache, preallocated; each forward writes its positions in
-//! place (kernels::rope_write_kv).
+//! One sequence's key/value cache: its blocks of the shared pool, in position order. Each forward
+//! writes its positions in place (kernels::rope_write_kv) at the slots the blocks give them.
 
-use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::model::kv_pool::{KvPool, BLOCK_TOKENS};
 
 pub struct KvCache {
-    /// Per layer, each (1, n_kv_heads, capacity, head_dim); none until the first `reserve`,
-    /// so that no buffer is ever empty (a 0-byte CUDA allocation can fail).
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-    layers: usize,
-    /// (n_kv_heads, head_dim) of every buffer.
-    dims: (usize, usize),
-    dtype: DType,
-    device: Device,
+    pool: Arc<KvPool>,
+    /// Block i holds positions i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS.
+    blocks: Vec<u32>,
     /// Positions filled, the same in every layer between forwards.
     len: usize,
 }
 
 impl KvCache {
-    pub fn new(
-        layers: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-        capacity: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let mut cache = Self {
-            k: Vec::new(),
-            v: Vec::new(),
-            layers,
-            dims: (n_kv_heads, head_dim),
-            dtype,
-            device: device.clone(),
-            len: 0,
-        };
-        cache.reserve(capacity)?;
-        Ok(cache)
+    pub fn new(pool: Arc<KvPool>) -> Self {
+        Self { pool, blocks: Vec::new(), len: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -49,46 +29,50 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Positions the blocks held hold.
     pub fn capacity(&self) -> usize {
-        self.k.first().map_or(0, |k| k.dim(2).unwrap_or(0))
+        self.blocks.len() * BLOCK_TOKENS
     }
 
-    /// Makes room for `extra` more positions, at least doubling when it must grow.
+    /// Takes blocks from the pool for `extra` more positions; an error when it is full.
     pub fn reserve(&mut self, extra: usize) -> Result<()> {
-        let needed = self.len + extra;
-        let capacity = self.capacity();
-        if needed <= capacity {
-            return Ok(());
+        let needed = (self.len + extra).div_ceil(BLOCK_TOKENS).saturating_sub(self.blocks.len());
+        if needed > 0 {
+            self.blocks.extend(self.pool.take(needed)?);
         }
-        let new_capacity = needed.max(2 * capacity);
-        let (h, d) = self.dims;
-        let grow = |old: Option<&Tensor>| -> Result<Tensor> {
-            let grown = Tensor::zeros((1, h, new_capacity, d), self.dtype, &self.device)?;
-            if let Some(old) = old.filter(|_| self.len > 0) {
-                grown.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-            }
-            Ok(grown)
-        };
-        self.k = (0..self.layers).map(|i| grow(self.k.get(i))).collect::<Result<_>>()?;
-        self.v = (0..self.layers).map(|i| grow(self.v.get(i))).collect::<Result<_>>()?;
         Ok(())
     }
 
-    /// The whole storage of `layer`, k and v, each (1, n_kv_heads, capacity, head_dim):
+    /// The pool slot of each position 0..n (n <= capacity).
+    pub fn slots(&self, n: usize) -> Vec<u32> {
+        (0..n).map(|p| self.blocks[p / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (p % BLOCK_TOKENS) as u32).collect()
+    }
+
+    /// The storage of `layer`, k and v, each (1, n_kv_heads, pool slots, head_dim): the slots of
     /// positions from `len()` on are free for the forward that writes them.
     pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
-        (&self.k[layer], &self.v[layer])
+        self.pool.layer(layer)
     }
 
-    /// Forgets every position from `len` on (the storage stays for reuse).
+    /// Forgets every position from `len` on; whole blocks past it go back to the pool.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        let keep = self.len.div_ceil(BLOCK_TOKENS);
+        if keep < self.blocks.len() {
+            self.pool.release(&self.blocks[keep..]);
+            self.blocks.truncate(keep);
+        }
     }
 
-    /// A deep copy that shares no storage with `self`.
+    /// A copy of the filled positions in blocks of its own.
     pub fn try_clone(&self) -> Result<Self> {
-        let copy = |ts: &[Tensor]| ts.iter().map(Tensor::copy).collect::<candle_core::Result<Vec<_>>>();
-        Ok(Self { k: copy(&self.k)?, v: copy(&self.v)?, device: self.device.clone(), ..*self })
+        let mut copy = Self::new(self.pool.clone());
+        copy.reserve(self.len)?;
+        for (&src, &dst) in self.blocks.iter().zip(&copy.blocks) {
+            self.pool.copy_block(src, dst)?;
+        }
+        copy.len = self.len;
+        Ok(copy)
     }
 
     /// Marks `t` more positions as filled, once every layer has written them.
@@ -97,35 +81,66 @@ impl KvCache {
     }
 }
 
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        self.pool.release(&self.blocks);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use candle_core::{DType, Device};
+
     use super::*;
 
-    fn buffers(c: &KvCache) -> Vec<usize> {
-        c.k.iter().chain(&c.v).map(Tensor::elem_count).collect()
+    fn pool(blocks: usize) -> Arc<KvPool> {
+        let bytes = blocks * 2 * 2 * 2 * BLOCK_TOKENS * 4 * 4;
+        Arc::new(KvPool::new(2, (2, 4), bytes, DType::F32, &Device::Cpu).unwrap())
     }
 
     #[test]
-    fn no_buffer_is_empty_and_growing_keeps_the_positions() -> Result<()> {
-        let mut c = KvCache::new(2, 2, 4, 0, DType::F32, &Device::Cpu)?;
-        assert!(buffers(&c).is_empty(), "an empty cache holds no buffers");
-        c.reserve(0)?;
-        assert!(buffers(&c).is_empty());
-        c.reserve(3)?;
-        assert_eq!(buffers(&c), vec![2 * 3 * 4; 4]);
-        let filled = Tensor::arange(0f32, 24.0, &Device::Cpu)?.reshape((1, 2, 3, 4))?;
-        for t in c.k.iter().chain(&c.v) {
-            t.slice_set(&filled, 2, 0)?;
-        }
-        c.advance(3);
-        c.reserve(2)?;
-        assert_eq!(c.capacity(), 6, "growing at least doubles");
-        for t in c.k.iter().chain(&c.v) {
-            let kept = t.narrow(2, 0, 3)?.flatten_all()?.to_vec1::<f32>()?;
-            assert_eq!(kept, filled.flatten_all()?.to_vec1::<f32>()?);
-        }
-        let copy = c.try_clone()?;
-        assert_eq!((copy.len(), copy.capacity()), (3, 6));
+    fn blocks_come_from_the_pool_and_go_back() -> Result<()> {
+        let pool = pool(4);
+        assert_eq!((pool.capacity(), pool.free_positions()), (4 * BLOCK_TOKENS, 4 * BLOCK_TOKENS));
+        let mut a = KvCache::new(pool.clone());
+        a.reserve(BLOCK_TOKENS + 1)?;
+        assert_eq!(a.capacity(), 2 * BLOCK_TOKENS);
+        assert_eq!(a.slots(BLOCK_TOKENS + 1), (0..BLOCK_TOKENS as u32 + 1).collect::<Vec<_>>(), "in order alone");
+        a.advance(BLOCK_TOKENS + 1);
+        let mut b = KvCache::new(pool.clone());
+        b.reserve(1)?;
+        a.reserve(BLOCK_TOKENS)?;
+        // a's third block comes after b's.
+        assert_eq!(a.slots(2 * BLOCK_TOKENS + 1)[2 * BLOCK_TOKENS], 3 * BLOCK_TOKENS as u32);
+        let full = b.reserve(3 * BLOCK_TOKENS).unwrap_err().to_string();
+        assert!(full.contains("KV cache is full"), "{full}");
+        assert_eq!(b.capacity(), BLOCK_TOKENS, "a failed reserve takes nothing");
+        a.truncate(BLOCK_TOKENS);
+        assert_eq!((a.len(), a.capacity(), pool.free_positions()), (BLOCK_TOKENS, BLOCK_TOKENS, 2 * BLOCK_TOKENS));
+        drop(a);
+        drop(b);
+        assert_eq!(pool.free_positions(), pool.capacity());
+        Ok(())
+    }
+
+    #[test]
+    fn a_clone_has_its_own_blocks_with_the_same_values() -> Result<()> {
+        let pool = pool(4);
+        let mut a = KvCache::new(pool.clone());
+        a.reserve(BLOCK_TOKENS + 3)?;
+        a.advance(BLOCK_TOKENS + 3);
+        let (k, v) = a.layer(1);
+        let values = Tensor::arange(0f32, (k.elem_count()) as f32, &Device::Cpu)?.reshape(k.shape())?;
+        k.slice_set(&values, 2, 0)?;
+        v.slice_set(&values, 2, 0)?;
+        let b = a.try_clone()?;
+        assert_eq!(pool.free_positions(), 0);
+        let at = |c: &KvCache| -> Result<Vec<f32>> {
+            let index = Tensor::new(c.slots(c.len()), &Device::Cpu)?;
+            Ok(c.layer(1).0.index_select(&index, 2)?.flatten_all()?.to_vec1()?)
+        };
+        assert_ne!(a.slots(a.len()), b.slots(b.len()));
+        assert_eq!(at(&a)?, at(&b)?);
         Ok(())
     }
 }

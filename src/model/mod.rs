@@ -1,10 +1,11 @@
 //! The Granite decoder: the forward pass (`granite`, which reads like the paper), its layers
 //! (`layer`: a mixer and a feed-forward), attention, the MLP, the causal mask, rotary embeddings,
-//! the KV cache, and the projections over every weight format (`linear`).
+//! the KV cache (`kv_cache`: one sequence's blocks of the shared `kv_pool`), and the projections over every weight format (`linear`).
 
 mod attention;
 pub(crate) mod granite;
 pub(crate) mod kv_cache;
+pub(crate) mod kv_pool;
 mod layer;
 pub mod linear;
 mod mask;

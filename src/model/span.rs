@@ -34,5 +34,8 @@ pub(crate) struct SpanRows<'a> {
     pub(crate) offset: usize,
     pub(crate) len: usize,
     pub(crate) pos: Positions,
+    /// Where the keys of each position up to the span's last live: the cache's slots, or 0..len
+    /// in the span's own keys without a cache.
+    pub(crate) slots: Vec<u32>,
     pub(crate) cache: Option<&'a mut KvCache>,
 }

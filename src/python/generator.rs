@@ -155,7 +155,8 @@ pub struct Generator {
 #[pymethods]
 impl Generator {
     #[new]
-    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None, quantize = None, num_threads = None, matmul_precision = None))]
+    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None, quantize = None, num_threads = None, matmul_precision = None, kv_cache_bytes = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model_dir: PathBuf,
@@ -164,12 +165,13 @@ impl Generator {
         quantize: Option<&str>,
         num_threads: Option<usize>,
         matmul_precision: Option<&str>,
+        kv_cache_bytes: Option<usize>,
     ) -> PyResult<PyClassInitializer<Self>> {
         let dtype = dtype.map(parse_dtype).transpose()?;
         let quantization = quantize.map(Quantization::parse).transpose()?.unwrap_or_default();
         let precision = matmul_precision.map(Precision::parse).transpose().map_err(Error::invalid)?.unwrap_or_default();
         let dev = self::device(device)?;
-        let opts = model::LoadOptions { dtype, quantization, precision, num_threads };
+        let opts = model::LoadOptions { dtype, quantization, precision, num_threads, kv_cache_bytes };
         let inner = py.detach(|| model::Generator::load_with(&model_dir, &dev, &opts))?;
         let inner = Arc::new(inner);
         let base = Generates { generator: inner.clone(), home: None };
@@ -303,6 +305,11 @@ impl Generator {
         if let Some(n) = info.trained_context_length {
             d.set_item("trained_context_length", n)?;
         }
+        let pool = self.inner.model().kv_pool();
+        d.set_item("kv_cache_bytes", pool.bytes())?;
+        d.set_item("kv_cache_positions", pool.capacity())?;
+        d.set_item("kv_cache_free_positions", pool.free_positions())?;
+        d.set_item("kv_block_positions", crate::model::kv_pool::BLOCK_TOKENS)?;
         Ok(d)
     }
 

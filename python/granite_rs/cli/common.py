@@ -66,7 +66,7 @@ def _dtype(value: str) -> str:
 
 
 def add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
-    """--model/--device/--dtype/--quantize/--matmul-precision/--threads/--quiet; on subcommands with SUPPRESS defaults so that they may be
+    """--model/--device/--dtype/--quantize/--matmul-precision/--threads/--kv-cache-bytes/--quiet; on subcommands with SUPPRESS defaults so that they may be
     given before or after the command without one position resetting the other."""
     default = argparse.SUPPRESS if suppress else None
     quantized = ", ".join(name for name in QUANTIZE_NAMES if name != "none")
@@ -86,6 +86,9 @@ def add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                         "llama.cpp's numerics); ""exact: always float32 activations")
     g.add_argument("--threads", type=int, metavar="N", default=default,
                    help="CPU threads (default: one per physical core)")
+    g.add_argument("--kv-cache-bytes", type=int, metavar="N", default=default,
+                   help="memory of the KV cache, all sequences together (default: one sequence of the whole "
+                        "context, within 1 and 16 GiB)")
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="no progress lines or notes on stderr")
 
@@ -197,6 +200,8 @@ def load_generator(args: argparse.Namespace) -> Tuple[Any, Path, float]:
         kwargs["matmul_precision"] = args.matmul_precision
     if getattr(args, "threads", None) is not None:
         kwargs["num_threads"] = args.threads
+    if getattr(args, "kv_cache_bytes", None) is not None:
+        kwargs["kv_cache_bytes"] = args.kv_cache_bytes
     try:
         with Progress(f"loading {path.name}", enabled=not args.quiet) as progress:
             g = granite_rs.Generator(str(path), **kwargs)

@@ -33,14 +33,16 @@ fn sum8(a: [f32; 8]) -> f32 {
 #[inline(always)]
 fn attend_sized<T: Float, const D: usize>(
     q: &[f32],
+    slots: &[u32],
     (k, k_step): (&[T], usize),
     (v, v_step): (&[T], usize),
     scores: &mut [f32],
     out: &mut [T],
 ) {
     let q: &[f32; D] = q.try_into().expect("head size");
-    for (p, s) in scores.iter_mut().enumerate() {
-        let row: &[T; D] = k[p * k_step..p * k_step + D].try_into().expect("head size");
+    for (&slot, s) in slots.iter().zip(scores.iter_mut()) {
+        let at = slot as usize * k_step;
+        let row: &[T; D] = k[at..at + D].try_into().expect("head size");
         let mut acc = [[0f32; 8]; 4];
         for c in 0..D / 8 {
             for i in 0..8 {
@@ -51,8 +53,9 @@ fn attend_sized<T: Float, const D: usize>(
     }
     softmax_row(scores);
     let mut acc = [0f32; D];
-    for (p, s) in scores.iter().enumerate() {
-        let row: &[T; D] = v[p * v_step..p * v_step + D].try_into().expect("head size");
+    for (&slot, s) in slots.iter().zip(scores.iter()) {
+        let at = slot as usize * v_step;
+        let row: &[T; D] = v[at..at + D].try_into().expect("head size");
         for (a, x) in acc.iter_mut().zip(row) {
             *a += s * x.f32();
         }
@@ -63,11 +66,12 @@ fn attend_sized<T: Float, const D: usize>(
 }
 
 vectorized! {
-    /// One query over the keys and values at rows 0, step, 2 step, ... of `k` and `v` (one per
-    /// score): out = softmax(q · k_p) · v_p.
+    /// One query over the keys and values at rows slot · step of `k` and `v`, one per slot and
+    /// score: out = softmax(q · k_p) · v_p.
     #[allow(clippy::too_many_arguments)]
     fn attend<T: Float>(
         q: &[f32],
+        slots: &[u32],
         k: &[T],
         k_step: usize,
         v: &[T],
@@ -78,17 +82,19 @@ vectorized! {
     ) {
         let d = q.len();
         match d {
-            64 => return attend_sized::<T, 64>(q, (k, k_step), (v, v_step), scores, out),
-            128 => return attend_sized::<T, 128>(q, (k, k_step), (v, v_step), scores, out),
+            64 => return attend_sized::<T, 64>(q, slots, (k, k_step), (v, v_step), scores, out),
+            128 => return attend_sized::<T, 128>(q, slots, (k, k_step), (v, v_step), scores, out),
             _ => {}
         }
-        for (p, s) in scores.iter_mut().enumerate() {
-            *s = dot(q, &k[p * k_step..p * k_step + d]);
+        for (&slot, s) in slots.iter().zip(scores.iter_mut()) {
+            let at = slot as usize * k_step;
+            *s = dot(q, &k[at..at + d]);
         }
         softmax_row(scores);
         acc.fill(0.0);
-        for (p, s) in scores.iter().enumerate() {
-            for (a, x) in acc.iter_mut().zip(&v[p * v_step..p * v_step + d]) {
+        for (&slot, s) in slots.iter().zip(scores.iter()) {
+            let at = slot as usize * v_step;
+            for (a, x) in acc.iter_mut().zip(&v[at..at + d]) {
                 *a += s * x.f32();
             }
         }
@@ -98,7 +104,7 @@ vectorized! {
     }
 }
 
-impl QkvOp for DecodeAttention {
+impl QkvOp for DecodeAttention<'_> {
     fn cpu<T: Float>(
         &self,
         (q, ql): (&[T], &Layout),
@@ -108,7 +114,7 @@ impl QkvOp for DecodeAttention {
         let (b, nh, _, d) = ql.shape().dims4()?;
         let (_, nkv, _, _) = kl.shape().dims4()?;
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
-        let (len, rep) = (self.len, nh / nkv);
+        let (len, rep) = (self.slots.len(), nh / nkv);
         let mut out = vec![T::of(0.0); b * nh * d];
         let work = b * nh * len * d * 2;
         let init = || (vec![0f32; d], vec![0f32; len], vec![0f32; d]);
@@ -120,13 +126,13 @@ impl QkvOp for DecodeAttention {
             }
             let ko = kl.start_offset() + bi * ks[0] + (hi / rep) * ks[1];
             let vo = vl.start_offset() + bi * vs[0] + (hi / rep) * vs[1];
-            attend(qf, &k[ko..], ks[2], &v[vo..], vs[2], scores, acc, out);
+            attend(qf, self.slots, &k[ko..], ks[2], &v[vo..], vs[2], scores, acc, out);
         });
         Ok(out)
     }
 }
 
-impl CustomOp3 for DecodeAttention {
+impl CustomOp3 for DecodeAttention<'_> {
     fn name(&self) -> &'static str {
         "granite-decode-attention"
     }

@@ -14,9 +14,9 @@ const QUERIES: usize = 32;
 const KEYS: usize = 128;
 
 /// (q, k, v) -> causal attention output; see `kernels::prefill_attention`.
-pub(crate) struct PrefillAttention {
-    /// Keys before the first query (cached positions).
-    pub(crate) start: usize,
+pub(crate) struct PrefillAttention<'a> {
+    /// The slot of each key position in k and v; the queries are the last positions.
+    pub(crate) slots: &'a [u32],
     pub(crate) scale: f32,
 }
 
@@ -95,7 +95,7 @@ vectorized! {
     }
 }
 
-impl PrefillAttention {
+impl PrefillAttention<'_> {
     /// Queries q0..q0 + out.len() / d of head (bi, hi) into `out`.
     #[allow(clippy::too_many_arguments)]
     fn attend_tile<T: Float>(
@@ -111,6 +111,8 @@ impl PrefillAttention {
         let rep = nh / kl.dims()[1];
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
         let n = out.len() / d;
+        // Keys before the first query (cached positions).
+        let start = self.slots.len() - ql.dims()[2];
         for i in 0..n {
             let at = ql.start_offset() + bi * qs[0] + hi * qs[1] + (q0 + i) * qs[2];
             for (f, x) in s.q[i * d..(i + 1) * d].iter_mut().zip(&q[at..at + d]) {
@@ -123,11 +125,11 @@ impl PrefillAttention {
         let k_at = kl.start_offset() + bi * ks[0] + (hi / rep) * ks[1];
         let v_at = vl.start_offset() + bi * vs[0] + (hi / rep) * vs[1];
         // The last query of the tile sees keys 0..=start + q0 + n - 1.
-        let keys = self.start + q0 + n;
+        let keys = start + q0 + n;
         for k0 in (0..keys).step_by(KEYS) {
             let m = KEYS.min(keys - k0);
-            for j in 0..m {
-                let (kr, vr) = (k_at + (k0 + j) * ks[2], v_at + (k0 + j) * vs[2]);
+            for (j, &slot) in self.slots[k0..k0 + m].iter().enumerate() {
+                let (kr, vr) = (k_at + slot as usize * ks[2], v_at + slot as usize * vs[2]);
                 for c in 0..d {
                     s.k[j * d + c] = k[kr + c].f32();
                     s.v[j * d + c] = v[vr + c].f32();
@@ -136,7 +138,7 @@ impl PrefillAttention {
             matmul(n, m, d, &s.q, &s.k, (d, 1), &mut s.scores, false);
             for i in 0..n {
                 // Query q0 + i sees keys up to start + q0 + i.
-                let seen = (self.start + q0 + i + 1).saturating_sub(k0).min(m);
+                let seen = (start + q0 + i + 1).saturating_sub(k0).min(m);
                 let (new_max, sum) = softmax_step(&mut s.scores[i * m..(i + 1) * m], seen, s.max[i]);
                 let keep = if s.max[i] == f32::NEG_INFINITY { 0.0 } else { exp_nonpositive(s.max[i] - new_max) };
                 s.sum[i] = s.sum[i] * keep + sum;
@@ -155,7 +157,7 @@ impl PrefillAttention {
     }
 }
 
-impl QkvOp for PrefillAttention {
+impl QkvOp for PrefillAttention<'_> {
     fn cpu<T: Float>(&self, q: (&[T], &Layout), k: (&[T], &Layout), v: (&[T], &Layout)) -> Result<Vec<T>> {
         let (b, nh, t, d) = q.1.shape().dims4()?;
         let mut out = vec![T::of(0.0); b * nh * t * d];
@@ -170,7 +172,7 @@ impl QkvOp for PrefillAttention {
     }
 }
 
-impl CustomOp3 for PrefillAttention {
+impl CustomOp3 for PrefillAttention<'_> {
     fn name(&self) -> &'static str {
         "granite-prefill-attention"
     }

@@ -10,13 +10,15 @@ use crate::kernels::dtype::{by_dtype, contiguous, Float};
 use crate::kernels::shapes::RopeShape;
 
 impl RopeShape {
-    /// Writes the (b, h) block `bh` of dst (cap * d elements).
-    fn write<T: Float>(&self, x: &[T], tables: Option<(&[T], &[T])>, bh: usize, dst: &mut [T]) {
+    /// Writes the (b, h) block `bh` of dst (cap * d elements): source row i at dst row
+    /// `slots[i]`, or at pos + i without slots.
+    fn write<T: Float>(&self, x: &[T], tables: Option<(&[T], &[T])>, slots: Option<&[u32]>, bh: usize, dst: &mut [T]) {
         let (bi, hi, half) = (bh / self.h, bh % self.h, self.d / 2);
         for ti in 0..self.t {
             let at = self.offset + bi * self.strides[0] + hi * self.strides[1] + ti * self.strides[2];
             let (x1, x2) = x[at..at + self.d].split_at(half);
-            let (y1, y2) = dst[(self.pos + ti) * self.d..(self.pos + ti + 1) * self.d].split_at_mut(half);
+            let row = slots.map_or(self.pos + ti, |s| s[ti] as usize);
+            let (y1, y2) = dst[row * self.d..(row + 1) * self.d].split_at_mut(half);
             match tables {
                 Some((cos, sin)) => {
                     let c = (if self.cs_batched { bi * self.t_cs } else { 0 } + ti) * half;
@@ -35,9 +37,9 @@ impl RopeShape {
         }
     }
 
-    fn cpu<T: Float>(&self, x: &[T], tables: Option<(&[T], &[T])>, dst: &mut [T]) {
+    fn cpu<T: Float>(&self, x: &[T], tables: Option<(&[T], &[T])>, slots: Option<&[u32]>, dst: &mut [T]) {
         let work = 2 * self.b * self.h * self.t * self.d;
-        for_chunks(dst, self.cap * self.d, work, || (), |_, bh, block| self.write(x, tables, bh, block));
+        for_chunks(dst, self.cap * self.d, work, || (), |_, bh, block| self.write(x, tables, slots, bh, block));
     }
 }
 
@@ -62,7 +64,7 @@ impl CustomOp3 for Rope {
         let out = by_dtype!(x.dtype(), self.name(), |T| {
             let mut dst = vec![T::of(0.0); xl.shape().elem_count()];
             let tables = (contiguous::<T>(cos, cl)?, contiguous::<T>(sin, sl)?);
-            shape.cpu(T::cpu_storage_as_slice(x)?, Some(tables), &mut dst);
+            shape.cpu(T::cpu_storage_as_slice(x)?, Some(tables), None, &mut dst);
             T::to_cpu_storage_owned(dst)
         });
         Ok((out, xl.shape().clone()))
@@ -84,15 +86,16 @@ impl CustomOp3 for Rope {
     }
 }
 
-/// Writes its source into the destination cache at `pos`, rotated with `tables` when given.
+/// Writes its source's position i into the destination cache at slot `slots[i]`, rotated with
+/// `tables` when given.
 pub(crate) struct CacheWrite<'a> {
     pub(crate) tables: Option<(&'a Tensor, &'a Tensor)>,
-    pub(crate) pos: usize,
+    pub(crate) slots: &'a [u32],
 }
 
 impl CacheWrite<'_> {
     fn shape(&self, cache: &Layout, xl: &Layout) -> Result<RopeShape> {
-        RopeShape::new(xl, cache.dims()[2], self.pos, self.tables.map(|(c, _)| c.layout()))
+        RopeShape::new(xl, cache.dims()[2], 0, self.tables.map(|(c, _)| c.layout()))
     }
 }
 
@@ -113,7 +116,7 @@ impl InplaceOp2 for CacheWrite<'_> {
                 None => None,
             };
             let (start, end) = cl.contiguous_offsets().ok_or_else(|| Error::Msg("cache not contiguous".into()))?;
-            shape.cpu(T::cpu_storage_as_slice(x)?, tables, &mut T::slice_mut(cache)?[start..end]);
+            shape.cpu(T::cpu_storage_as_slice(x)?, tables, Some(self.slots), &mut T::slice_mut(cache)?[start..end]);
         });
         Ok(())
     }
@@ -135,7 +138,25 @@ impl InplaceOp2 for CacheWrite<'_> {
             },
             None => None,
         };
-        let start = cl.start_offset();
-        crate::kernels::cuda::rope(x, &shape, tables, Some((cache, start))).map(|_| ())
+        // Our kernel writes consecutive slots: one launch per run of them, with its table rows.
+        let mut i = 0;
+        while i < self.slots.len() {
+            let first = self.slots[i] as usize;
+            let n = self.slots[i..].iter().enumerate().take_while(|&(j, &s)| s as usize == first + j).count();
+            let run = RopeShape { t: n, offset: shape.offset + i * shape.strides[2], pos: first, ..shape };
+            let rows = |l: &Layout| match (shape.cs_batched, i, n) {
+                (false, ..) => l.narrow(0, i, n),
+                (true, 0, n) if n == shape.t => Ok(l.clone()),
+                _ => bail!("rope_write_kv: per-row tables need consecutive slots on CUDA"),
+            };
+            let run_tables = match tables {
+                Some((c, c_l, s, s_l)) => Some((c, rows(c_l)?, s, rows(s_l)?)),
+                None => None,
+            };
+            let run_tables = run_tables.as_ref().map(|(c, c_l, s, s_l)| (*c, c_l, *s, s_l));
+            crate::kernels::cuda::rope(x, &run, run_tables, Some((&mut *cache, cl.start_offset())))?;
+            i += n;
+        }
+        Ok(())
     }
 }

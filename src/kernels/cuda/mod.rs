@@ -152,7 +152,10 @@ pub fn decode_attention(op: &DecodeAttention, q: View, k: View, v: View) -> Resu
             bail!("decode_attention: the k and v caches must have the same strides");
         }
         let (qs, cs) = (ql.stride(), kl.stride());
-        let len = op.len;
+        let len = op.slots.len();
+        if op.slots.iter().enumerate().any(|(p, &slot)| slot as usize != p) {
+            bail!("decode_attention: the CUDA kernel reads positions in order; gather the slots first");
+        }
         let blocks = b * nkv * (nh / nkv).div_ceil(GROUP);
         let splits = len.div_ceil(MIN_CHUNK).min(BLOCKS.div_ceil(blocks)).max(1);
         let chunk = len.div_ceil(splits);
