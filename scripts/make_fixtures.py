@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, GraniteConfig, GraniteForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GraniteConfig, GraniteForCausalLM
 
 NEW_TOKENS = 32
 SPECIAL = ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|pad|>"]
@@ -73,6 +73,16 @@ CASES = {
         dict(embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0, attention_multiplier=0.25),
         None, dict(layout="4.x"),
     ),
+    # The mixtures of experts (model_type in the options), with and without a shared MLP.
+    "moe": (
+        dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+        None, dict(layout="5.x", model_type="granitemoe"),
+    ),
+    "moe_shared": (
+        dict(intermediate_size=32, num_local_experts=5, num_experts_per_tok=3, shared_intermediate_size=48,
+             tie_word_embeddings=False),
+        None, dict(layout="4.x", model_type="granitemoeshared"),
+    ),
 }
 
 
@@ -87,13 +97,21 @@ def train_tokenizer() -> Tokenizer:
     return tok
 
 
-def randomize(model: GraniteForCausalLM, seed: int) -> None:
+def randomize(model: torch.nn.Module, seed: int) -> None:
     """Weights with O(1) activations, so logits are spread and greedy choices are not near-ties."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             r = torch.randn(p.shape, generator=g)
-            if name.endswith("norm.weight"):
+            if name.endswith("A_log"):  # A = -exp(A_log): decays of every speed
+                p.copy_(torch.log(torch.arange(1, p.shape[0] + 1, dtype=torch.float32)) + 0.1 * r)
+            elif name.endswith(".D"):
+                p.copy_(1.0 + 0.1 * r)
+            elif name.endswith("dt_bias"):
+                p.copy_(0.5 * r)
+            elif p.dim() == 3:  # experts (E, out, in), or the depthwise convolution (C, 1, K)
+                p.copy_(r / p.shape[2] ** 0.5)
+            elif name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * r)
             elif name.endswith("bias"):
                 p.copy_(0.1 * r)
@@ -111,6 +129,9 @@ def to_4x_layout(config_path: Path) -> None:
     if rope["rope_type"] != "default":
         cfg["rope_scaling"] = {"type": rope["rope_type"], "factor": rope["factor"]}
     cfg["torch_dtype"] = cfg.pop("dtype")
+    if "layer_types" in cfg:
+        kinds = {"linear_attention": "mamba", "full_attention": "attention"}
+        cfg["layer_types"] = [kinds[t] for t in cfg["layer_types"]]
     cfg["transformers_version"] = "4.46.0"
     config_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
@@ -130,12 +151,15 @@ def write_tokenizer_files(out: Path, tok: Tokenizer, layout: str) -> None:
 
 
 @torch.no_grad()
-def reference(model: GraniteForCausalLM, ids: list[int]) -> dict:
+def reference(model: torch.nn.Module, ids: list[int]) -> dict:
     input_ids = torch.tensor([ids])
     logits = model(input_ids, use_cache=False).logits[0]
     steps, greedy, past, step_input = [], [], None, input_ids
     for _ in range(NEW_TOKENS):
-        out = model(step_input, past_key_values=past, use_cache=True)
+        # Positions given: an all-Mamba cache cannot say its length.
+        start = len(ids) + len(greedy) - step_input.shape[1]
+        positions = torch.arange(start, start + step_input.shape[1])[None]
+        out = model(step_input, past_key_values=past, use_cache=True, position_ids=positions)
         past = out.past_key_values
         last = out.logits[0, -1]
         steps.append(last)
@@ -156,8 +180,9 @@ def build_case(out: Path, name: str, tok: Tokenizer, seed: int) -> None:
     overrides, rope, opts = CASES[name]
     params = {**BASE, **overrides}
     params["rope_parameters"] = rope or dict(rope_type="default", rope_theta=10000.0)
-    config = GraniteConfig(**params)
-    model = GraniteForCausalLM(config)
+    model_type = opts.get("model_type", "granite")
+    config = AutoConfig.for_model(model_type, **params)
+    model = AutoModelForCausalLM.from_config(config)
     randomize(model, seed)
     dtype = opts.get("dtype", torch.float32)
     model = model.to(dtype)
@@ -172,7 +197,7 @@ def build_case(out: Path, name: str, tok: Tokenizer, seed: int) -> None:
     write_tokenizer_files(case_dir, tok, opts["layout"])
 
     # The reference runs on what we wrote, read back the way transformers reads it, in f32.
-    ref_model = GraniteForCausalLM.from_pretrained(case_dir, dtype=torch.float32, attn_implementation="eager")
+    ref_model = AutoModelForCausalLM.from_pretrained(case_dir, dtype=torch.float32, attn_implementation="eager")
     ref_model.eval()
     ids = tok.encode(PROMPT).ids
     ref = reference(ref_model, ids)
@@ -377,7 +402,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
     parser.add_argument("--only", choices=["chat", "sampling"],
                         help="write only this reference, from the fixtures already built")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), help="rebuild only these model cases")
     args = parser.parse_args()
+    if args.cases:
+        tok = train_tokenizer()
+        for seed, name in enumerate(CASES):
+            if name in args.cases:
+                build_case(args.out, name, tok, seed)
+        return
     if args.only == "chat":
         chat_reference(args.out)
         return

@@ -1,5 +1,5 @@
-//! Logits and greedy tokens against HF transformers' GraniteForCausalLM (tests/fixtures, made by
-//! scripts/make_fixtures.py).
+//! Logits and greedy tokens against HF transformers' GraniteForCausalLM, GraniteMoeForCausalLM
+//! and GraniteMoeSharedForCausalLM (tests/fixtures, made by scripts/make_fixtures.py).
 
 use std::path::{Path, PathBuf};
 
@@ -8,8 +8,18 @@ use granite_rs::kernels::cpu::Precision;
 use granite_rs::loading::safetensors::Weights;
 use granite_rs::{ForwardOptions, Granite, GraniteConfig, Logits, Span};
 
-const CASES: [&str; 8] =
-    ["mha_tied", "gqa_untied", "mqa_bias", "rope_linear", "rope_dynamic", "bf16", "sharded", "llama_like"];
+const CASES: [&str; 10] = [
+    "mha_tied",
+    "gqa_untied",
+    "mqa_bias",
+    "rope_linear",
+    "rope_dynamic",
+    "bf16",
+    "sharded",
+    "llama_like",
+    "moe",
+    "moe_shared",
+];
 
 fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)

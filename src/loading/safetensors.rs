@@ -16,8 +16,8 @@ use serde::Deserialize;
 
 use crate::config::read_json;
 use crate::error::{candle_message, Error, Result};
-use crate::loading::mapped::{self, Mapped};
 use crate::kernels::cpu::Precision;
+use crate::loading::mapped::{self, Mapped};
 use crate::loading::quantization::Quantization;
 use crate::loading::weight::Weight;
 
@@ -132,7 +132,13 @@ impl Weights {
 
     /// Tensors already loaded, by HF name.
     pub fn from_tensors(tensors: HashMap<String, Weight>, dtype: DType, device: &Device) -> Self {
-        Self { source: Source::Memory(tensors), dtype, device: device.clone(), quantization: Quantization::AsStored, precision: Precision::default() }
+        Self {
+            source: Source::Memory(tensors),
+            dtype,
+            device: device.clone(),
+            quantization: Quantization::AsStored,
+            precision: Precision::default(),
+        }
     }
 
     pub fn with_quantization(self, quantization: Quantization) -> Self {
@@ -146,6 +152,11 @@ impl Weights {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// The device tensors are loaded onto.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// A weight matrix (out, in), quantized, mapped or dense as `Quantization` says. Quantized
@@ -165,6 +176,24 @@ impl Weights {
                 None => Weight::Dense(self.get(name, &shape)?),
             },
         };
+        self.convert(stored)
+    }
+
+    /// The `count` matrices (out, in) of a stack stored as one (count, out, in) tensor (a mixture's
+    /// experts), each as `matrix` gives it: in place in the mapped file where it can be.
+    pub fn stacked_matrices(&self, name: &str, count: usize, shape: [usize; 2]) -> Result<Vec<Weight>> {
+        let stored = match self.mapped_stack(name, count, shape)? {
+            Some(m) => m.into_iter().map(|m| Weight::Mapped(Arc::new(m))).collect(),
+            None => {
+                let all = self.get(name, &[count, shape[0], shape[1]])?;
+                (0..count).map(|e| Ok(Weight::Dense(all.get(e)?))).collect::<Result<Vec<_>>>()?
+            }
+        };
+        stored.into_iter().map(|w| self.convert(w)).collect()
+    }
+
+    /// A weight as loaded, quantized, kept or converted as `Quantization` and the device say.
+    fn convert(&self, stored: Weight) -> Result<Weight> {
         let quantization = if self.device.is_cpu() { self.quantization } else { Quantization::Dequantize };
         match (stored.stored_type(), quantization) {
             (Some(format), _) if self.device.is_cpu() && keeps(format, self.dtype, quantization) => Ok(stored),
@@ -176,11 +205,25 @@ impl Weights {
 
     /// Safetensors matrix `name`, read in place, where its dtype is used as stored (CPU only).
     fn mapped(&self, name: &str, shape: [usize; 2]) -> Result<Option<Mapped>> {
+        let Some((map, at, format)) = self.in_place(name, &shape)? else { return Ok(None) };
+        Ok(Mapped::new(map, at, format, (shape[0], shape[1])))
+    }
+
+    /// `mapped` for each matrix of a (count, out, in) stack.
+    fn mapped_stack(&self, name: &str, count: usize, shape: [usize; 2]) -> Result<Option<Vec<Mapped>>> {
+        let Some((map, at, format)) = self.in_place(name, &[count, shape[0], shape[1]])? else { return Ok(None) };
+        let bytes = shape[0] * shape[1] * format.type_size();
+        Ok((0..count).map(|e| Mapped::new(map, at + e * bytes, format, (shape[0], shape[1]))).collect())
+    }
+
+    /// Where safetensors tensor `name` (of `shape`) starts in its mapped file and its format, when
+    /// it is used as stored (CPU only).
+    fn in_place(&self, name: &str, shape: &[usize]) -> Result<Option<(&Arc<Mmap>, usize, GgmlDType)>> {
         let Source::Safetensors { files, location } = &self.source else { return Ok(None) };
         let Some((dtype, found, at, _)) = location.get(name).and_then(|&f| files[f].view(name)) else {
             return Ok(None);
         };
-        check_shape(name, &shape, found)?;
+        check_shape(name, shape, found)?;
         let format = match dtype {
             Dtype::F32 => GgmlDType::F32,
             Dtype::F16 => GgmlDType::F16,
@@ -190,7 +233,7 @@ impl Weights {
         if !self.device.is_cpu() || !keeps(format, self.dtype, self.quantization) {
             return Ok(None);
         }
-        Ok(Mapped::new(&files[location[name]].map, at, format, (shape[0], shape[1])))
+        Ok(Some((&files[location[name]].map, at, format)))
     }
 
     /// Loads `name`, checks its shape, and converts it to the compute dtype on the device.

@@ -9,6 +9,7 @@ use crate::loading::safetensors::Weights;
 use crate::model::attention::Attention;
 use crate::model::linear::{Linear, PackedRows};
 use crate::model::mlp::Mlp;
+use crate::model::moe::Moe;
 use crate::model::span::SpanRows;
 
 /// What mixes the tokens of one layer, from `GraniteConfig::layer_kind`.
@@ -51,33 +52,54 @@ impl Mixer {
 /// What each token goes through after the mixer, from `GraniteConfig::family`.
 pub(crate) enum FeedForward {
     Mlp(Mlp),
+    /// Experts, plus the shared MLP every token also goes through where there is one.
+    Moe {
+        experts: Moe,
+        shared: Option<Mlp>,
+    },
 }
 
 impl FeedForward {
     fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
-        let what = match cfg.family()? {
-            Family::Dense => return Ok(Self::Mlp(Mlp::load(w, &format!("{prefix}.mlp"), cfg)?)),
-            Family::Moe => "a mixture of experts",
-            Family::MoeShared => "a mixture of experts and a shared MLP",
-            Family::Hybrid => "a shared MLP, with experts where there are any",
-        };
-        let name = cfg.model_type.as_deref().unwrap_or_default();
-        Err(Error::config(
-            "model_type",
-            format!("`{name}` models do not run yet: their feed-forward, {what}, is not implemented"),
-        ))
+        match (cfg.family()?, cfg.experts()?) {
+            (Family::Dense, _) => Ok(Self::Mlp(Mlp::load(w, &format!("{prefix}.mlp"), cfg)?)),
+            (Family::Moe | Family::MoeShared, Some(e)) => {
+                let shared = cfg.shared_mlp_size()?;
+                Ok(Self::Moe {
+                    experts: Moe::load(w, &format!("{prefix}.block_sparse_moe"), cfg, e)?,
+                    shared: shared
+                        .map(|size| Mlp::load_fused(w, &format!("{prefix}.shared_mlp"), cfg, size))
+                        .transpose()?,
+                })
+            }
+            _ => {
+                let name = cfg.model_type.as_deref().unwrap_or_default();
+                Err(Error::config(
+                    "model_type",
+                    format!(
+                        "`{name}` models do not run yet: their feed-forward, a shared MLP with experts where there \
+                         are any, is not implemented"
+                    ),
+                ))
+            }
+        }
     }
 
     /// x: (1, T, hidden), every span's rows, each token alone -> (1, T, hidden).
     pub(crate) fn forward(&self, x: &Tensor, packed: &PackedRows) -> Result<Tensor> {
         match self {
             Self::Mlp(m) => m.forward(x, packed),
+            Self::Moe { experts, shared: None } => experts.forward(x, packed),
+            Self::Moe { experts, shared: Some(m) } => Ok((experts.forward(x, packed)? + m.forward(x, packed)?)?),
         }
     }
 
-    fn projections(&self) -> [&Linear; 2] {
+    fn projections(&self) -> Box<dyn Iterator<Item = &Linear> + '_> {
         match self {
-            Self::Mlp(m) => [&m.gate_up_proj, &m.down_proj],
+            Self::Mlp(m) => Box::new(m.projections().into_iter()),
+            Self::Moe { experts, shared } => {
+                Box::new(experts.projections().chain(shared.iter().flat_map(Mlp::projections)))
+            }
         }
     }
 }

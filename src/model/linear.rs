@@ -136,14 +136,17 @@ pub struct PackedRows {
     many_spans: Vec<usize>,
     /// Where each row lands in `few` then `many` concatenated.
     back: Vec<u32>,
+    /// Every span's row count, in order.
+    lens: Vec<usize>,
 }
 
 impl PackedRows {
     /// The rows of spans of these lengths, one after another.
     pub fn new(lens: impl IntoIterator<Item = usize>) -> Self {
         let (mut few, mut many, mut few_spans, mut many_spans) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let lens: Vec<usize> = lens.into_iter().collect();
         let mut row = 0u32;
-        for len in lens {
+        for &len in &lens {
             let (group, spans) =
                 if len <= GEMV_MAX_ROWS { (&mut few, &mut few_spans) } else { (&mut many, &mut many_spans) };
             group.extend(row..row + len as u32);
@@ -154,7 +157,12 @@ impl PackedRows {
         for (i, r) in few.iter().chain(&many).enumerate() {
             back[*r as usize] = i as u32;
         }
-        Self { few, many, few_spans, many_spans, back }
+        Self { few, many, few_spans, many_spans, back, lens }
+    }
+
+    /// Every span's row count, in order.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
     }
 }
 

@@ -1,4 +1,4 @@
-//! The gated MLP: act(gate) * up, then down.
+//! The gated MLP: act(gate) * up, then down (dense layers, shared MLPs, and each expert).
 
 use candle_core::{Tensor, D};
 
@@ -30,6 +30,25 @@ impl Mlp {
             )?,
             act: cfg.activation()?,
         })
+    }
+
+    /// The MoE families' shared MLP: `{prefix}.input_linear` (gate and up stacked, 2 * size rows)
+    /// and `{prefix}.output_linear`, without biases.
+    pub(crate) fn load_fused(w: &Weights, prefix: &str, cfg: &GraniteConfig, size: usize) -> Result<Self> {
+        Ok(Self {
+            gate_up_proj: Linear::load(w, &format!("{prefix}.input_linear"), 2 * size, cfg.hidden_size, false)?,
+            down_proj: Linear::load(w, &format!("{prefix}.output_linear"), cfg.hidden_size, size, false)?,
+            act: cfg.activation()?,
+        })
+    }
+
+    /// An MLP over matrices already loaded: one expert of a mixture.
+    pub(crate) fn from_parts(gate_up_proj: Linear, down_proj: Linear, act: Activation) -> Self {
+        Self { gate_up_proj, down_proj, act }
+    }
+
+    pub(crate) fn projections(&self) -> [&Linear; 2] {
+        [&self.gate_up_proj, &self.down_proj]
     }
 
     /// x: (1, T, hidden), every span's rows -> (1, T, hidden).

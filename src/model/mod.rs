@@ -1,5 +1,5 @@
 //! The Granite decoder: the forward pass (`granite`, which reads like the paper), its layers
-//! (`layer`: a mixer and a feed-forward), attention, the MLP, the causal mask, rotary embeddings,
+//! (`layer`: a mixer and a feed-forward), attention, the MLP, the mixture of experts, the causal mask, rotary embeddings,
 //! the KV cache (`kv_cache`: one sequence's blocks of the shared `kv_pool`), and the projections over every weight format (`linear`).
 
 mod attention;
@@ -10,6 +10,7 @@ mod layer;
 pub mod linear;
 mod mask;
 mod mlp;
+mod moe;
 pub(crate) mod rope;
 pub(crate) mod span;
 

@@ -1,0 +1,121 @@
+//! A mixture of experts as Granite's MoE models have it (transformers' GraniteMoeMoE): a linear
+//! router, the top k of its logits per token, softmax over those k as the weights, each expert a
+//! gated MLP, their outputs weighted and summed in expert order. A token reads only its k
+//! experts' matrices; the tokens routed to one expert go through it together, each span's as its
+//! own span, so that a span gets what it gets alone.
+
+use candle_core::{DType, Tensor};
+
+use crate::config::{Experts, GraniteConfig};
+use crate::error::Result;
+use crate::loading::safetensors::Weights;
+use crate::model::linear::{Linear, PackedRows};
+use crate::model::mlp::Mlp;
+
+pub(crate) struct Moe {
+    /// (experts, hidden): one logit per expert.
+    router: Linear,
+    experts: Vec<Mlp>,
+    per_token: usize,
+}
+
+impl Moe {
+    /// `{prefix}.router.layer`, and the experts stacked in `{prefix}.input_linear` (E, 2I, H) and
+    /// `{prefix}.output_linear` (E, H, I).
+    pub(crate) fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig, e: Experts) -> Result<Self> {
+        let hidden = cfg.hidden_size;
+        let linear = |m| Linear::new(m, None, w.precision());
+        let gate_up =
+            w.stacked_matrices(&format!("{prefix}.input_linear.weight"), e.count, [2 * e.intermediate, hidden])?;
+        let down = w.stacked_matrices(&format!("{prefix}.output_linear.weight"), e.count, [hidden, e.intermediate])?;
+        let act = cfg.activation()?;
+        Ok(Self {
+            router: Linear::load(w, &format!("{prefix}.router.layer"), e.count, hidden, false)?,
+            experts: gate_up.into_iter().zip(down).map(|(gu, d)| Mlp::from_parts(linear(gu), linear(d), act)).collect(),
+            per_token: e.per_token,
+        })
+    }
+
+    /// The router and every expert's projections.
+    pub(crate) fn projections(&self) -> impl Iterator<Item = &Linear> {
+        std::iter::once(&self.router).chain(self.experts.iter().flat_map(Mlp::projections))
+    }
+
+    /// x: (1, T, hidden), the rows of the spans in `packed` -> (1, T, hidden).
+    pub(crate) fn forward(&self, x: &Tensor, packed: &PackedRows) -> Result<Tensor> {
+        let xs = x.squeeze(0)?;
+        let logits = self.router.forward_packed(x, packed)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        // Per expert: the rows routed to it, their weights, and how many of each span's.
+        let mut routed = vec![Routed::default(); self.experts.len()];
+        let mut row = 0;
+        for (span, &len) in packed.lens().iter().enumerate() {
+            for logits in &logits[row..row + len] {
+                for (expert, weight) in top_k_softmax(logits, self.per_token) {
+                    routed[expert].add(row as u32, weight, span);
+                }
+                row += 1;
+            }
+        }
+        let mut out = xs.zeros_like()?;
+        for (expert, r) in self.experts.iter().zip(&routed) {
+            if r.rows.is_empty() {
+                continue;
+            }
+            let index = Tensor::new(r.rows.as_slice(), x.device())?;
+            // The weights in the activations' dtype, as transformers rounds them (`type_as`).
+            let weights = Tensor::new(r.weights.as_slice(), x.device())?.to_dtype(x.dtype())?.unsqueeze(1)?;
+            let spans = PackedRows::new(r.spans.iter().map(|s| s.1));
+            let y = expert.forward(&xs.index_select(&index, 0)?.unsqueeze(0)?, &spans)?.squeeze(0)?;
+            out = out.index_add(&index, &y.broadcast_mul(&weights)?, 0)?;
+        }
+        Ok(out.unsqueeze(0)?)
+    }
+}
+
+/// The rows an expert gets, in order.
+#[derive(Clone, Default)]
+struct Routed {
+    rows: Vec<u32>,
+    weights: Vec<f32>,
+    /// (span, how many of its rows), for the spans with any.
+    spans: Vec<(usize, usize)>,
+}
+
+impl Routed {
+    fn add(&mut self, row: u32, weight: f32, span: usize) {
+        self.rows.push(row);
+        self.weights.push(weight);
+        match self.spans.last_mut() {
+            Some((s, n)) if *s == span => *n += 1,
+            _ => self.spans.push((span, 1)),
+        }
+    }
+}
+
+/// The `k` largest logits' experts (the first of equal logits first) with the softmax over them.
+fn top_k_softmax(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b)));
+    order.truncate(k);
+    let max = logits[order[0]];
+    let exps: Vec<f32> = order.iter().map(|e| (logits[*e] - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    order.into_iter().zip(exps).map(|(e, x)| (e, x / sum)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k_softmax;
+
+    #[test]
+    fn top_k_takes_the_largest_and_normalizes_over_them() {
+        let picked = top_k_softmax(&[0.5, 2.0, -1.0, 2.0, 1.0], 3);
+        let experts: Vec<usize> = picked.iter().map(|p| p.0).collect();
+        assert_eq!(experts, [1, 3, 4]);
+        let (a, c) = (1.0f32, (-1.0f32).exp());
+        let expected = [a / (2.0 * a + c), a / (2.0 * a + c), c / (2.0 * a + c)];
+        for ((_, w), e) in picked.iter().zip(expected) {
+            assert!((w - e).abs() < 1e-6, "{w} vs {e}");
+        }
+    }
+}
