@@ -179,8 +179,9 @@ fn check_tables(cos: &Tensor, sin: &Tensor, b: usize, t: usize, d: usize) -> Res
 fn check_cache(cache: &Tensor, x: &Tensor, slots: &[u32]) -> Result<()> {
     let (b, h, t, d) = x.dims4()?;
     let (cb, ch, cap, cd) = cache.dims4()?;
-    let mut seen = vec![false; cap];
-    let distinct = slots.iter().all(|&s| (s as usize) < cap && !std::mem::replace(&mut seen[s as usize], true));
+    let mut sorted = slots.to_vec();
+    sorted.sort_unstable();
+    let distinct = sorted.windows(2).all(|w| w[0] < w[1]) && sorted.last().is_none_or(|&s| (s as usize) < cap);
     if (cb, ch, cd) != (b, h, d) || slots.len() != t || !distinct || !cache.is_contiguous() || x.stride()[3] != 1 || d % 2 != 0 {
         bail!("rope_write_kv: cannot write {:?} into cache {:?} at {} slots", x.layout(), cache.shape(), slots.len());
     }
