@@ -1,8 +1,7 @@
 //! Activations rounded to 16-bit integers for the integer block products.
 
 use super::formats::GROUP;
-#[cfg(target_arch = "x86_64")]
-use super::x86;
+use super::vectorized;
 
 /// Activation rows as 16-bit integers with one f32 scale per group of 32: x ≈ scale q, off by at
 /// most half a step, 2^-16 of the group's largest magnitude. A group holding NaN or infinity
@@ -25,20 +24,14 @@ impl Activations {
             sum: vec![0.0; groups],
             center: vec![0; groups],
         };
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            // SAFETY: the features are present.
-            unsafe { x86::quantize(&mut a, x, center) };
-            return a;
-        }
-        a.quantize(x, center);
+        quantize(&mut a, x, center);
         a
     }
+}
 
-    /// Written for the compiler to vectorize; `x86::quantize` compiles it with AVX2.
-    #[inline(always)]
-    pub(crate) fn quantize(&mut self, x: &[f32], center: i32) {
-        let a = self;
+vectorized! {
+    /// Fills `a` from x.
+    fn quantize(a: &mut Activations, x: &[f32], center: i32) {
         for (g, (xs, qs)) in x.chunks_exact(GROUP).zip(a.q.chunks_exact_mut(GROUP)).enumerate() {
             let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let sum: f32 = xs.iter().sum();

@@ -9,7 +9,7 @@ use candle_core::quantized::GgmlDType;
 use half::{bf16, f16};
 
 #[cfg(target_arch = "x86_64")]
-use super::x86;
+use super::x86::loads as x86;
 
 /// Every format is handled in groups of 32 weights of one row (one GGUF block).
 pub const GROUP: usize = 32;

@@ -2,7 +2,7 @@
 //! GGUF block types on the int8 kernel if asked (Int8); otherwise tiles of each weight matrix decoded to
 //! f32, then candle's gemm.
 
-use super::bf16::{self, Kernel, Packed};
+use super::bf16::{self, Kernel};
 use super::int8::{self, Quantized};
 use super::formats::{checked, decode_rows, Part, Rows};
 use super::Out;
@@ -70,7 +70,7 @@ pub fn gemm(
                 int8::gemm(w, n, k, quantized.get_or_insert_with(|| Quantized::new(x, k)), out, stride)
             }
             _ if kernel == Kernel::None => gemm_part(w, n, k, x, out, stride, spans),
-            _ => bf16::gemm(kernel, w, n, k, packed.get_or_insert_with(|| Packed::new(x, k)), out, stride),
+            _ => bf16::gemm(kernel, w, n, k, packed.get_or_insert_with(|| bf16::pack(x, k)), out, stride),
         }
         // SAFETY: the parts' rows add up to `stride` columns.
         out = Out(unsafe { out.ptr().add(n) });

@@ -19,7 +19,7 @@ use super::formats::evens_then_odds;
 use super::formats::{checked, half_at, Blocks, Dense, Part, Rows, BF16, F16, F32, GROUP, OWN_TYPES, Q4_0, Q4_1, Q8_0};
 use super::int8;
 #[cfg(target_arch = "x86_64")]
-use super::x86;
+use super::x86::{decode, loads};
 use super::Out;
 
 /// The portable path: rows `rows` of out (M, stride) = x (M, k) · wᵀ.
@@ -83,10 +83,10 @@ fn dense_job<'a, F: Dense>(
 ) -> impl Fn(Range<usize>) + Sync + 'a {
     let m = x.len() / k;
     #[cfg(target_arch = "x86_64")]
-    let reordered = (F::EVENS_THEN_ODDS && x86::available()).then(|| evens_then_odds(x));
+    let reordered = (F::EVENS_THEN_ODDS && loads::available()).then(|| evens_then_odds(x));
     move |rows: Range<usize>| {
         #[cfg(target_arch = "x86_64")]
-        if x86::available() {
+        if loads::available() {
             let x = reordered.as_deref().unwrap_or(x);
             // At most 4 activation rows per pass over the weights keeps the accumulators in
             // registers; with more, the passes take 16 KiB of weight rows at a time, so that
@@ -100,10 +100,10 @@ fn dense_job<'a, F: Dense>(
                     unsafe {
                         let (w, o) = (w.as_ptr(), out.ptr().add(first * stride));
                         match m - first {
-                            1 => x86::rows::<F, 1>(w, k, xs, part.clone(), o, stride),
-                            2 => x86::rows::<F, 2>(w, k, xs, part.clone(), o, stride),
-                            3 => x86::rows::<F, 3>(w, k, xs, part.clone(), o, stride),
-                            _ => x86::rows::<F, 4>(w, k, xs, part.clone(), o, stride),
+                            1 => decode::rows::<F, 1>(w, k, xs, part.clone(), o, stride),
+                            2 => decode::rows::<F, 2>(w, k, xs, part.clone(), o, stride),
+                            3 => decode::rows::<F, 3>(w, k, xs, part.clone(), o, stride),
+                            _ => decode::rows::<F, 4>(w, k, xs, part.clone(), o, stride),
                         }
                     }
                 }
@@ -161,9 +161,9 @@ fn block_job<'a, B: Blocks>(
     let a = Activations::new(x, B::CENTER);
     move |rows: Range<usize>| {
         #[cfg(target_arch = "x86_64")]
-        if x86::available() {
+        if loads::available() {
             // SAFETY: the features are present; shapes were checked by `gemv`.
-            return unsafe { x86::block_rows::<B>(w, groups, &a, m, rows, out, stride) };
+            return unsafe { decode::block_rows::<B>(w, groups, &a, m, rows, out, stride) };
         }
         block_rows::<B>(w, groups, m, rows, out, stride, |row, first| dot_scalar::<B>(row, &a, first));
     }
@@ -223,7 +223,7 @@ mod tests {
                 let a = Activations::new(&x, B::CENTER);
                 let portable = dot_scalar::<B>(&row, &a, 0);
                 // SAFETY: checked just before.
-                let fast = x86::available().then(|| unsafe { x86::dots::<B, 1, true>(row.as_ptr(), groups, &a, [0])[0] });
+                let fast = loads::available().then(|| unsafe { decode::dots::<B, 1, true>(row.as_ptr(), groups, &a, [0])[0] });
                 if let Some(fast) = fast {
                     let err = (portable - fast).abs() / portable.abs().max(1.0);
                     assert!(err < 1e-5, "{name}, {groups} blocks: portable {portable}, avx2 {fast}");

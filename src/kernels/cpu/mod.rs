@@ -1,11 +1,10 @@
 //! The CPU kernels: the weight formats and their matrix products (`gemv` for decode, `gemm` for
 //! prompts), and the element ops (norm, rope, attention, softmax, swiglu), each a portable path
 //! the compiler vectorizes, with x86 builds chosen at run time where the CPU has AVX2+FMA+F16C;
-//! prompts of bf16 weights on AMX or AVX512-BF16 where present (`bf16`).
+//! prompts of bf16 weights on AMX or AVX512-BF16 where present (`bf16`). What only x86 runs is
+//! in `x86/`, which the portable code calls and which imports nothing that calls it back.
 
 mod activations;
-#[cfg(target_arch = "x86_64")]
-mod amx;
 pub mod bf16;
 pub(crate) mod attention;
 pub mod formats;
@@ -31,7 +30,7 @@ pub use gemv::{gemv, reads as gemv_reads};
 /// Whether this CPU has AVX2, FMA and F16C, which the fast paths here use.
 pub(crate) fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return x86::available();
+    return x86::loads::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }

@@ -8,8 +8,8 @@ use std::arch::asm;
 
 use half::bf16;
 
-use super::bf16::{scatter, Packed, TOKENS};
-use super::Out;
+use crate::kernels::cpu::bf16::packed::{scatter, Packed, TOKENS};
+use crate::kernels::cpu::Out;
 
 /// Whether this CPU has AMX-TILE and AMX-BF16 and Linux lets this process use the tile data
 /// (asked for once, with `arch_prctl(ARCH_REQ_XCOMP_PERM)`).

@@ -11,11 +11,14 @@ use std::cell::RefCell;
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 
+pub(crate) mod packed;
+
+pub(crate) use packed::{Packed, TOKENS};
+
+#[cfg(target_arch = "x86_64")]
+use super::x86;
 use super::formats::{decode_rows, Rows};
 use super::Out;
-
-/// Tokens side by side in a packed block: one AMX tile's columns, one 512-bit register.
-pub const TOKENS: usize = 16;
 
 /// Which hardware runs the bf16 products on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +38,7 @@ pub fn kernel() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
             // GRANITE_RS_NO_AMX=1 runs the AVX512-BF16 kernel on an AMX CPU (to compare the two).
-            return if std::env::var_os("GRANITE_RS_NO_AMX").is_none() && super::amx::enable() {
+            return if std::env::var_os("GRANITE_RS_NO_AMX").is_none() && x86::amx::enable() {
                 Kernel::Amx
             } else {
                 Kernel::Avx512
@@ -45,50 +48,32 @@ pub fn kernel() -> Kernel {
     })
 }
 
-/// x (m, k) rounded to bf16, as [block of 16 tokens][pair along k][token] of u32 (the even
-/// element in the low half); tokens past m are zero.
-pub(crate) struct Packed {
-    data: Vec<u32>,
-    pub(crate) m: usize,
-    pub(crate) pairs: usize,
-}
-
-impl Packed {
-    pub(crate) fn new(x: &[f32], k: usize) -> Self {
-        use rayon::prelude::*;
-        let (m, pairs) = (x.len() / k, k / 2);
-        let mut data = vec![0u32; m.div_ceil(TOKENS) * pairs * TOKENS];
-        let fast = kernel() != Kernel::None;
-        data.par_chunks_mut(pairs * TOKENS).enumerate().for_each(|(b, block)| {
-            for (i, row) in x.chunks_exact(k).skip(b * TOKENS).take(TOKENS).enumerate() {
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: the CPU has AVX512F and AVX512-BF16 (a kernel was found); the block
-                    // holds pairs × 16 values and i < 16.
-                    unsafe { avx512::pack_row(row, block, i) };
-                    continue;
-                }
-                for (p, pair) in row.chunks_exact(2).enumerate() {
-                    block[p * TOKENS + i] = pack(pair[0], pair[1]);
-                }
+/// x (m, k) packed: rounded to bf16 in pairs along k, 16 tokens side by side.
+pub(crate) fn pack(x: &[f32], k: usize) -> Packed {
+    use rayon::prelude::*;
+    let (m, pairs) = (x.len() / k, k / 2);
+    let mut data = vec![0u32; m.div_ceil(TOKENS) * pairs * TOKENS];
+    let fast = kernel() != Kernel::None;
+    data.par_chunks_mut(pairs * TOKENS).enumerate().for_each(|(b, block)| {
+        for (i, row) in x.chunks_exact(k).skip(b * TOKENS).take(TOKENS).enumerate() {
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU has AVX512F and AVX512-BF16 (a kernel was found); the block
+                // holds pairs × 16 values and i < 16.
+                unsafe { x86::bf16::pack_row(row, block, i) };
+                continue;
             }
-        });
-        Self { data, m, pairs }
-    }
-
-    /// Block `b`'s pairs.
-    pub(crate) fn block(&self, b: usize) -> &[u32] {
-        &self.data[b * self.pairs * TOKENS..][..self.pairs * TOKENS]
-    }
-
-    pub(crate) fn blocks(&self) -> usize {
-        self.m.div_ceil(TOKENS)
-    }
+            for (p, pair) in row.chunks_exact(2).enumerate() {
+                block[p * TOKENS + i] = pack_pair(pair[0], pair[1]);
+            }
+        }
+    });
+    Packed { data, m, pairs }
 }
 
 /// Two values rounded to bf16 (to nearest, ties to even) in one u32, `lo` in the low half.
 #[inline]
-fn pack(lo: f32, hi: f32) -> u32 {
+fn pack_pair(lo: f32, hi: f32) -> u32 {
     bf16::from_f32(lo).to_bits() as u32 | (bf16::from_f32(hi).to_bits() as u32) << 16
 }
 
@@ -137,10 +122,10 @@ pub(crate) fn gemm(kernel: Kernel, w: Rows, n: usize, k: usize, x: &Packed, out:
             match kernel {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `kernel()` returned Amx only where the CPU and OS run AMX tiles.
-                Kernel::Amx if range.len().is_multiple_of(16) => unsafe { super::amx::gemm(w, k, x, out, stride) },
+                Kernel::Amx if range.len().is_multiple_of(16) => unsafe { x86::amx::gemm(w, k, x, out, stride) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `kernel()` returned Amx or Avx512 only where the CPU has AVX512F and AVX512-BF16.
-                Kernel::Amx | Kernel::Avx512 => unsafe { avx512::gemm(w, k, x, out, stride) },
+                Kernel::Amx | Kernel::Avx512 => unsafe { x86::bf16::gemm(w, k, x, out, stride) },
                 // SAFETY: as above, out has the rows and columns this job writes.
                 _ => reference(w, k, x, unsafe { std::slice::from_raw_parts_mut(out.ptr(), x.m * stride) }, stride),
             }
@@ -148,108 +133,6 @@ pub(crate) fn gemm(kernel: Kernel, w: Rows, n: usize, k: usize, x: &Packed, out:
     });
 }
 
-/// Writes a 16-token result column `v` (lanes are tokens t0..t0 + 16) into out's column `col`.
-/// # Safety
-/// out has (m, stride) values and col < stride.
-#[inline]
-pub(super) unsafe fn scatter(v: &[f32; TOKENS], out: Out, stride: usize, t0: usize, m: usize, col: usize) {
-    for (i, &value) in v.iter().enumerate().take(m.saturating_sub(t0)) {
-        *out.ptr().add((t0 + i) * stride + col) = value;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use half::bf16;
-
-    use super::{scatter, Packed, TOKENS};
-    use crate::kernels::cpu::Out;
-
-    /// Token `i` of a packed block: `row` rounded to bf16 (to nearest even), 32 values at a time
-    /// into 16 pairs, stored 16 u32 apart.
-    /// # Safety
-    /// The CPU has AVX512F and AVX512-BF16; row.len() is a multiple of 32, block holds
-    /// row.len() / 2 × 16 values and i < 16.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn pack_row(row: &[f32], block: &mut [u32], i: usize) {
-        let apart = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
-        for (c, values) in row.chunks_exact(32).enumerate() {
-            let pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(values.as_ptr().add(16)), _mm512_loadu_ps(values.as_ptr()));
-            let at = block.as_mut_ptr().add(c * 16 * TOKENS + i);
-            _mm512_i32scatter_epi32::<4>(at as *mut _, apart, std::mem::transmute::<__m512bh, __m512i>(pairs));
-        }
-    }
-
-    /// Rows × token blocks per register tile: 8 × 3 accumulators, 3 loads of x and 8
-    /// broadcasts of W for 24 dot products per pair.
-    const ROWS: usize = 8;
-    const BLOCKS: usize = 3;
-
-    /// # Safety
-    /// The CPU has AVX512F and AVX512-BF16; out has (x.m, stride) values and w's rows fit in stride.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn gemm(w: &[bf16], k: usize, x: &Packed, out: Out, stride: usize) {
-        let n = w.len() / k;
-        let mut r = 0;
-        while r < n {
-            let rows = if n - r >= ROWS { ROWS } else { 1 };
-            let mut b = 0;
-            while b < x.blocks() {
-                let blocks = (x.blocks() - b).min(BLOCKS);
-                match (rows, blocks) {
-                    (ROWS, 3) => tile::<ROWS, 3>(w, k, x, r, b, out, stride),
-                    (ROWS, 2) => tile::<ROWS, 2>(w, k, x, r, b, out, stride),
-                    (ROWS, _) => tile::<ROWS, 1>(w, k, x, r, b, out, stride),
-                    (_, 3) => tile::<1, 3>(w, k, x, r, b, out, stride),
-                    (_, 2) => tile::<1, 2>(w, k, x, r, b, out, stride),
-                    _ => tile::<1, 1>(w, k, x, r, b, out, stride),
-                }
-                b += blocks;
-            }
-            r += rows;
-        }
-    }
-
-    /// Rows r..r + R of w against token blocks b..b + B.
-    /// # Safety
-    /// As `gemm`'s, and those rows and blocks exist.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile<const R: usize, const B: usize>(
-        w: &[bf16],
-        k: usize,
-        x: &Packed,
-        r: usize,
-        b: usize,
-        out: Out,
-        stride: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); B]; R];
-        let rows: [*const u32; R] = std::array::from_fn(|i| w.as_ptr().add((r + i) * k) as *const u32);
-        let blocks: [*const u32; B] = std::array::from_fn(|j| x.block(b + j).as_ptr());
-        for p in 0..x.pairs {
-            let xs: [__m512bh; B] = std::array::from_fn(|j| {
-                // SAFETY (of the read): block b + j holds x.pairs × 16 values.
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(blocks[j].add(p * TOKENS) as *const _))
-            });
-            for i in 0..R {
-                let pair = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(rows[i].add(p).read_unaligned() as i32));
-                for j in 0..B {
-                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xs[j], pair);
-                }
-            }
-        }
-        for (i, row) in acc.iter().enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                let mut lanes = [0f32; TOKENS];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), *v);
-                scatter(&lanes, out, stride, (b + j) * TOKENS, x.m, r + i);
-            }
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -265,7 +148,7 @@ mod tests {
     }
 
     fn run(kernel: Kernel, w: &[bf16], k: usize, x: &[f32]) -> Vec<f32> {
-        let packed = Packed::new(x, k);
+        let packed = pack(x, k);
         let n = w.len() / k;
         let mut out = vec![f32::NAN; packed.m * (n + 3)];
         gemm(kernel, Rows::BF16(w), n, k, &packed, Out(out.as_mut_ptr()), n + 3);
@@ -295,7 +178,7 @@ mod tests {
         let f16s: Vec<half::f16> = wide.iter().map(|&v| half::f16::from_f32(v)).collect();
         let rounded: Vec<bf16> = f16s.iter().map(|v| bf16::from_f32(v.to_f32())).collect();
         let expected = run(Kernel::None, &rounded, k, &x);
-        let packed = Packed::new(&x, k);
+        let packed = pack(&x, k);
         let mut got = vec![f32::NAN; m * n];
         gemm(kernel(), Rows::F16(&f16s), n, k, &packed, Out(got.as_mut_ptr()), n);
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {

@@ -1,69 +1,13 @@
-//! The AVX2+FMA+F16C paths of the matrix kernels: loads of each format, integer block dot
-//! products and dense row products. Every function needs those features present (`available`).
+//! The AVX2+FMA+F16C decode products (`gemv`'s rows): integer block dot products, with
+//! AVX512-VNNI where present, and dense row products. Every function needs those features
+//! present (`loads::available`).
 
 use std::arch::x86_64::*;
 
-pub type V = __m256;
-
-pub type I = __m256i;
-
-/// 8 f32 from `p`.
-/// # Safety
-/// The CPU has AVX2, FMA and F16C; `p` points at 32 readable bytes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn load_f32(p: *const u8) -> V {
-    _mm256_loadu_ps(p as *const f32)
-}
-
-/// 8 f16 from `p`, as f32.
-/// # Safety
-/// The CPU has AVX2, FMA and F16C; `p` points at 16 readable bytes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn load_f16(p: *const u8) -> V {
-    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-}
-
-/// 16 bf16 as f32: the 8 even ones, then the 8 odd ones.
-/// # Safety
-/// The CPU has AVX2, FMA and F16C; `p` points at 32 readable bytes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn split_bf16(p: *const u8) -> [V; 2] {
-    let pairs = _mm256_loadu_si256(p as *const __m256i);
-    let odds = _mm256_and_si256(pairs, _mm256_set1_epi32(0xffff_0000u32 as i32));
-    [_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)), _mm256_castsi256_ps(odds)]
-}
-
-/// `Activations::quantize`, compiled with AVX2.
-/// # Safety
-/// The CPU has AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize(a: &mut super::activations::Activations, x: &[f32], center: i32) {
-    a.quantize(x, center)
-}
-
-/// 16 bytes of nibbles as 16-bit integers: the low nibbles (v_0..v_15), then the high ones
-/// (v_16..v_31).
-/// # Safety
-/// The CPU has AVX2, FMA and F16C; `p` points at 16 readable bytes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn nibbles(p: *const u8) -> [I; 2] {
-    let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
-    [_mm256_and_si256(w, _mm256_set1_epi16(15)), _mm256_srli_epi16(w, 4)]
-}
-
-/// 32 signed bytes as 16-bit integers, in two halves.
-/// # Safety
-/// The CPU has AVX2, FMA and F16C; `p` points at 32 readable bytes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn bytes(p: *const u8) -> [I; 2] {
-    let v = |at: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(at) as *const __m128i));
-    [v(0), v(16)]
-}
+use super::loads::{I, V};
+use crate::kernels::cpu::activations::Activations;
+use crate::kernels::cpu::formats::{Blocks, Dense, GROUP};
+use crate::kernels::cpu::Out;
 
 /// Σ v_j q_j of one block's unpacked v and its 32 activations q, as 8 partial sums (exact
 /// either way: with VNNI, `vpdpwssd` adds the pairs' products into the sums).
@@ -76,7 +20,10 @@ unsafe fn block_dot<const VNNI: bool>(v: &[I; 2], q: *const i16) -> I {
         let first = _mm256_dpwssd_epi32(_mm256_setzero_si256(), v[0], _mm256_loadu_si256(q));
         return _mm256_dpwssd_epi32(first, v[1], _mm256_loadu_si256(q.add(1)));
     }
-    _mm256_add_epi32(_mm256_madd_epi16(v[0], _mm256_loadu_si256(q)), _mm256_madd_epi16(v[1], _mm256_loadu_si256(q.add(1))))
+    _mm256_add_epi32(
+        _mm256_madd_epi16(v[0], _mm256_loadu_si256(q)),
+        _mm256_madd_epi16(v[1], _mm256_loadu_si256(q.add(1))),
+    )
 }
 
 /// The sum of the 8 lanes.
@@ -119,10 +66,10 @@ macro_rules! block_kernels {
         /// # Safety
         /// See `block_kernels`.
         #[target_feature(enable = $features)]
-        pub unsafe fn $dots<B: super::formats::Blocks, const M: usize, const PREFETCH: bool>(
+        pub unsafe fn $dots<B: Blocks, const M: usize, const PREFETCH: bool>(
             row: *const u8,
             groups: usize,
-            a: &super::activations::Activations,
+            a: &Activations,
             firsts: [usize; M],
         ) -> [f32; M] {
             let (mut acc, mut acc_m) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
@@ -138,8 +85,10 @@ macro_rules! block_kernels {
                 let head = |t: usize| if t < count { (block(t) as *const i32).read_unaligned() } else { 0 };
                 let heads = _mm256_setr_epi32(head(0), head(1), head(2), head(3), head(4), head(5), head(6), head(7));
                 // d in the low halves of the heads, Q4_1's m in the high ones.
-                let halves =
-                    _mm256_packus_epi32(_mm256_and_si256(heads, _mm256_set1_epi32(0xffff)), _mm256_srli_epi32(heads, 16));
+                let halves = _mm256_packus_epi32(
+                    _mm256_and_si256(heads, _mm256_set1_epi32(0xffff)),
+                    _mm256_srli_epi32(heads, 16),
+                );
                 let halves = _mm256_permute4x64_epi64(halves, 0b11_01_10_00);
                 let d = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
                 let m = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
@@ -148,12 +97,16 @@ macro_rules! block_kernels {
                         if count == 8 {
                             _mm256_loadu_ps(p.add(first + g))
                         } else {
-                            let v: [f32; 8] = std::array::from_fn(|t| if t < count { *p.add(first + g + t) } else { 0.0 });
+                            let v: [f32; 8] =
+                                std::array::from_fn(|t| if t < count { *p.add(first + g + t) } else { 0.0 });
                             _mm256_loadu_ps(v.as_ptr())
                         }
                     };
-                    let q = a.q.as_ptr().add((first + g) * super::GROUP);
-                    let parts = std::array::from_fn(|t| if t < count { block_dot::<$vnni>(&v[t], q.add(t * super::GROUP)) } else { zero });
+                    let q = a.q.as_ptr().add((first + g) * GROUP);
+                    let parts =
+                        std::array::from_fn(
+                            |t| if t < count { block_dot::<$vnni>(&v[t], q.add(t * GROUP)) } else { zero },
+                        );
                     let mut ints = sums8(parts);
                     if B::CENTER != 0 {
                         let center = a.center.as_ptr().add(first + g);
@@ -165,7 +118,8 @@ macro_rules! block_kernels {
                         };
                         ints = _mm256_sub_epi32(ints, c);
                     }
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), _mm256_mul_ps(d, load(a.scale.as_ptr())), acc[i]);
+                    acc[i] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), _mm256_mul_ps(d, load(a.scale.as_ptr())), acc[i]);
                     if B::OFFSET {
                         acc_m[i] = _mm256_fmadd_ps(m, load(a.sum.as_ptr()), acc_m[i]);
                     }
@@ -185,13 +139,13 @@ macro_rules! block_kernels {
         /// # Safety
         /// See `block_kernels`.
         #[target_feature(enable = $features)]
-        unsafe fn $rows<B: super::formats::Blocks, const PREFETCH: bool>(
+        unsafe fn $rows<B: Blocks, const PREFETCH: bool>(
             w: &[u8],
             groups: usize,
-            a: &super::activations::Activations,
+            a: &Activations,
             m: usize,
             rows: std::ops::Range<usize>,
-            out: super::Out,
+            out: Out,
             stride: usize,
         ) {
             for r in rows {
@@ -222,22 +176,25 @@ block_kernels!(dots_vnni, rows_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni"
 fn avx512_vnni() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
     })
 }
 
-/// `super::gemv::block_rows` on `dots`.
+/// Rows `rows` of out (m, stride) from a matrix of blocks against the activations, on `dots`.
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; as `super::gemv::block_rows`, shapes checked by `gemv`.
+/// The CPU has AVX2, FMA and F16C; shapes checked by `gemv`; each (i, r) of `out` is written by
+/// this call only.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn block_rows<B: super::formats::Blocks>(
+pub unsafe fn block_rows<B: Blocks>(
     w: &[u8],
     groups: usize,
-    a: &super::activations::Activations,
+    a: &Activations,
     m: usize,
     rows: std::ops::Range<usize>,
-    out: super::Out,
+    out: Out,
     stride: usize,
 ) {
     match (avx512_vnni(), prefetch()) {
@@ -253,7 +210,7 @@ pub unsafe fn block_rows<B: super::formats::Blocks>(
 /// The CPU has AVX2, FMA and F16C; `w` holds the rows, `x` M rows of k and `out` M rows of `stride`
 /// (shapes checked by `gemv`); each (i, r) of `out` is written by this call only.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows<F: super::formats::Dense, const M: usize>(
+pub unsafe fn rows<F: Dense, const M: usize>(
     w: *const u8,
     k: usize,
     x: &[f32],
@@ -272,7 +229,7 @@ pub unsafe fn rows<F: super::formats::Dense, const M: usize>(
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; as `rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dense<F: super::formats::Dense, const M: usize, const PREFETCH: bool>(
+unsafe fn dense<F: Dense, const M: usize, const PREFETCH: bool>(
     w: *const u8,
     k: usize,
     x: &[f32],
@@ -280,7 +237,7 @@ unsafe fn dense<F: super::formats::Dense, const M: usize, const PREFETCH: bool>(
     out: *mut f32,
     stride: usize,
 ) {
-    let groups = k / super::GROUP;
+    let groups = k / GROUP;
     for r in rows {
         let mut acc = [[_mm256_setzero_ps(); 4]; M];
         let row = w.add(r * groups * F::BYTES);
@@ -294,7 +251,7 @@ unsafe fn dense<F: super::formats::Dense, const M: usize, const PREFETCH: bool>(
             }
             let wv = F::avx2(row.add(g * F::BYTES));
             for (i, acc) in acc.iter_mut().enumerate() {
-                let xs = x.as_ptr().add(i * k + g * super::GROUP);
+                let xs = x.as_ptr().add(i * k + g * GROUP);
                 for (j, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xs.add(8 * j)), *a);
                 }
@@ -320,12 +277,5 @@ fn prefetch() -> bool {
         #[allow(unused_unsafe)] // safe in newer Rust, unsafe in 1.87 (our minimum)
         let id = unsafe { __cpuid(0) };
         [id.ebx, id.edx, id.ecx].map(u32::to_le_bytes).concat() == b"GenuineIntel"
-    })
-}
-
-pub fn available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     })
 }
