@@ -2,30 +2,16 @@
 dense models give (greedy tokens, sessions, batches, streams) holds for them too. Their logits
 against transformers are checked in tests/parity.rs."""
 
-import json
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from conftest import read_safetensors as load_file
 from granite_rs import Generator
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GREEDY = dict(max_new_tokens=12, ignore_eos=True)
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
-DTYPES = {"F32": np.float32, "I64": np.int64, "BF16": np.uint16}
-
-
-def load_file(path: Path) -> dict:
-    """A safetensors file's arrays (no torch or safetensors package in the test environment)."""
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    header.pop("__metadata__", None)
-    return {name: np.frombuffer(data[8 + n + t["data_offsets"][0]:8 + n + t["data_offsets"][1]],
-                                dtype=DTYPES[t["dtype"]]).reshape(t["shape"])
-            for name, t in header.items()}
 
 
 @pytest.fixture(scope="module", params=["moe", "moe_shared"])

@@ -56,7 +56,7 @@ impl Moe {
                 row += 1;
             }
         }
-        let mut out = xs.zeros_like()?;
+        let (mut rows, mut ys) = (Vec::new(), Vec::new());
         for (expert, r) in self.experts.iter().zip(&routed) {
             if r.rows.is_empty() {
                 continue;
@@ -66,9 +66,12 @@ impl Moe {
             let weights = Tensor::new(r.weights.as_slice(), x.device())?.to_dtype(x.dtype())?.unsqueeze(1)?;
             let spans = PackedRows::new(r.spans.iter().map(|s| s.1));
             let y = expert.forward(&xs.index_select(&index, 0)?.unsqueeze(0)?, &spans)?.squeeze(0)?;
-            out = out.index_add(&index, &y.broadcast_mul(&weights)?, 0)?;
+            ys.push(y.broadcast_mul(&weights)?);
+            rows.extend_from_slice(&r.rows);
         }
-        Ok(out.unsqueeze(0)?)
+        // One sum for every expert, in expert order.
+        let index = Tensor::new(rows.as_slice(), x.device())?;
+        Ok(xs.zeros_like()?.index_add(&index, &Tensor::cat(&ys, 0)?, 0)?.unsqueeze(0)?)
     }
 }
 
