@@ -3,22 +3,13 @@
 //! (stored formats), candle's matmul (dense weights) or candle's quantized matmul (the k-quants
 //! where our kernels do not read them).
 
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::{self, Part, Precision};
 use crate::loading::safetensors::Weights;
 use crate::loading::weight::Weight;
-
-/// Quantized types whose weights enter at their exact values: in `gemv` (which rounds the
-/// activations to 16 bits for the block types), or dequantized for a matmul.
-const EXACT: [GgmlDType; 6] = cpu::formats::OWN_TYPES;
-
-/// Other quantized types whose prompts also run as gemm on decoded tiles: candle's quantized
-/// matmul has no fast path for these (Granite-shaped Q5_K_M, 512-token prompt: 112 -> 198
-/// tokens/s), where for Q4_K and Q6_K it beats the tiles (371 against 214).
-const TILED: [GgmlDType; 3] = [GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q5K];
 
 /// A span of up to this many rows runs as decode (`gemv`); a longer one as a prompt (a matmul).
 const GEMV_MAX_ROWS: usize = 8;
@@ -183,17 +174,14 @@ fn project(parts: &[Weight], x: &Tensor, precision: Precision, few: bool, spans:
     let k = last;
     out_dims.push(n);
     let m = x.elem_count() / k.max(1);
-    // Ours: gemv for a few rows (the k-quants where the CPU has the int8 kernels); for more, gemm on the bf16 kernels or decoded
-    // tiles of stored formats (dense weights go straight to candle's matmul, and without a bf16
-    // kernel most k-quants to candle's quantized matmul).
-    let gemv_reads = parts.iter().all(|w| w.stored_type().is_none_or(cpu::gemv_reads));
-    // With a bf16 kernel, every stored format's prompts run on it or on the int8 one (`cpu::gemm`).
-    let bf16 = precision != Precision::Exact && cpu::bf16::kernel() != cpu::bf16::Kernel::None;
-    let int8 = precision == Precision::Int8;
-    let tiled = parts.iter().all(|w| {
-        w.stored_type().is_some_and(|t| bf16 || EXACT.contains(&t) || TILED.contains(&t) || int8 && cpu::int8::reads(t))
+    // Ours where the CPU kernels read every part: `gemv` for a few rows, `gemm` for a prompt
+    // (which chooses how); otherwise candle's products.
+    let ours = parts.iter().all(|w| match (few, w.stored_type()) {
+        (true, t) => t.is_none_or(cpu::gemv_reads),
+        (false, Some(t)) => cpu::gemm_reads(t, precision),
+        (false, None) => false,
     });
-    if x.device().is_cpu() && k.is_multiple_of(cpu::GROUP) && if few { gemv_reads } else { tiled } {
+    if x.device().is_cpu() && k.is_multiple_of(cpu::GROUP) && ours {
         let y = with_all_rows(parts, Vec::new(), |rows| -> Result<Tensor> {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let mut out = vec![0f32; m * n];
@@ -232,7 +220,7 @@ fn candle_product(parts: &[Weight], x2: &Tensor, dtype: DType) -> Result<Tensor>
             Ok(match w {
                 Weight::Dense(t) => x2.matmul(&t.t()?)?,
                 // candle's quantized matmul, for the k-quants (it quantizes x).
-                Weight::Quantized(q) if !EXACT.contains(&q.dtype()) => {
+                Weight::Quantized(q) if !cpu::formats::OWN_TYPES.contains(&q.dtype()) => {
                     QMatMul::QTensor(q.clone()).forward(&x2.to_dtype(DType::F32)?)?.to_dtype(dtype)?
                 }
                 // The weights as their f32 values.
