@@ -83,6 +83,39 @@ CASES = {
              tie_word_embeddings=False),
         None, dict(layout="4.x", model_type="granitemoeshared"),
     ),
+    # granite-4.0-micro's shape: attention only, RoPE, a dense shared MLP (as wide as intermediate_size), no
+    # experts.
+    "hybrid_dense": (
+        dict(num_key_value_heads=2, num_local_experts=0, num_experts_per_tok=0, intermediate_size=96,
+             shared_intermediate_size=96,
+             position_embedding_type="rope", layer_types=["full_attention", "full_attention"]),
+        None, dict(layout="4.x", model_type="granitemoehybrid"),
+    ),
+    # granite-4.0-h-tiny's shape: Mamba2 and NoPE attention layers, experts and a shared MLP; two
+    # groups and chunks of 8, so that the prompt spans several chunks.
+    "hybrid_moe": (
+        dict(num_hidden_layers=3, num_key_value_heads=2, intermediate_size=32, num_local_experts=4,
+             num_experts_per_tok=2, shared_intermediate_size=48, position_embedding_type="nope",
+             layer_types=["linear_attention", "full_attention", "linear_attention"],
+             mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+             mamba_chunk_size=8),
+        None, dict(layout="5.x", model_type="granitemoehybrid"),
+    ),
+    # Two Mamba2 layers before a RoPE one, projection biases, a time-step clamp that binds.
+    "hybrid_mamba": (
+        dict(num_hidden_layers=3, num_local_experts=0, shared_intermediate_size=64, position_embedding_type="rope",
+             layer_types=["linear_attention", "linear_attention", "full_attention"], mamba_n_heads=4, mamba_n_groups=1,
+             mamba_d_state=12, mamba_d_conv=3, mamba_expand=1, mamba_chunk_size=16, mamba_proj_bias=True,
+             time_step_limit=[0.05, 0.6], tie_word_embeddings=False),
+        None, dict(layout="4.x", model_type="granitemoehybrid"),
+    ),
+    # Attention only without positions (NoPE), experts and a shared MLP.
+    "hybrid_nope": (
+        dict(num_key_value_heads=1, intermediate_size=32, num_local_experts=3, num_experts_per_tok=2,
+             shared_intermediate_size=40, position_embedding_type="nope",
+             layer_types=["full_attention", "full_attention"]),
+        None, dict(layout="5.x", model_type="granitemoehybrid"),
+    ),
 }
 
 

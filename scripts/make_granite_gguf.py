@@ -1,4 +1,4 @@
-"""Convert HF fixtures to `granite` GGUFs with llama.cpp's own converter (convert_hf_to_gguf.py).
+"""Convert HF fixtures to GGUFs with llama.cpp's own converter (convert_hf_to_gguf.py).
 
 Needs what the converter imports: torch, transformers, numpy and sentencepiece; llama.cpp's
 bundled gguf-py is used, not an installed `gguf`. The outputs are committed, so the tests need
@@ -10,7 +10,9 @@ LLAMA_CPP_DIR is a llama.cpp source tree, e.g. vendor/llama.cpp of the unpacked 
 sdist. Without it the pinned sdist (SDIST, checked against SDIST_SHA256) is unpacked into a
 temporary directory: the file given by --sdist, or else the one pip's own client fetches by name
 (`python -m pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36`: the sdist only, its build tools as wheels).
-Each fixture in CASES becomes `<case>.gguf` (f32 tensors).
+Each fixture in CASES becomes `<case>.gguf` (f32 tensors), of the architecture CASES names: the
+mixtures of experts are `granitemoe`; an all-attention Granite 4.0 without experts (`hybrid_dense`)
+is `granite`, with `head_count_kv` per layer.
 
 Our fixtures' tokenizer has a pre-tokenizer hash the converter does not know. It is GPT-2's
 (ByteLevel with its regex, no prefix space), so the converter's hash lookup is replaced by the
@@ -28,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-CASES = ["mha_tied", "gqa_untied"]
+CASES = {"mha_tied": "granite", "gqa_untied": "granite", "moe": "granitemoe", "moe_shared": "granitemoe",
+         "hybrid_dense": "granite"}
 SDIST = "llama-cpp-python==0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 GRANITE_KEYS = ["embedding_scale", "residual_scale", "attention.scale", "logit_scale"]
@@ -75,18 +78,22 @@ def convert(case: str, out: Path) -> Path:
     return path
 
 
-def check(path: Path) -> None:
-    """The keys our loader reads, printed; exits unless this is a granite GGUF with Granite's scalars."""
+def check(path: Path, expected: str) -> None:
+    """The keys our loader reads, printed; exits unless this GGUF has the expected architecture
+    and Granite's scalars."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     arch = reader.get_field("general.architecture").contents()
-    scalars = {k: reader.get_field(f"granite.{k}") for k in GRANITE_KEYS}
-    if arch != "granite" or None in scalars.values():
-        sys.exit(f"{path}: architecture {arch}, scalars {scalars}")
+    keys = GRANITE_KEYS + ["attention.head_count_kv", "expert_count", "expert_used_count",
+                           "expert_shared_feed_forward_length"]
+    fields = {k: reader.get_field(f"{arch}.{k}") for k in keys}
+    if arch != expected or any(fields[k] is None for k in GRANITE_KEYS):
+        sys.exit(f"{path}: architecture {arch} (expected {expected}), fields {fields}")
     print(f"{path.name}: {path.stat().st_size} bytes, general.architecture = {arch}")
-    for k, field in scalars.items():
-        print(f"  granite.{k} = {field.contents()}")
+    for k, field in fields.items():
+        if field is not None:
+            print(f"  {arch}.{k} = {field.contents()}")
     print(f"  tokenizer.ggml.pre = {reader.get_field('tokenizer.ggml.pre').contents()}")
     print(f"  tensors: {sorted({t.tensor_type.name for t in reader.tensors})}")
 
@@ -108,8 +115,8 @@ def main() -> None:
             archive = args.sdist.resolve() if args.sdist else download_sdist(Path(tmp))
             llama_cpp = unpack_llama_cpp(archive, Path(tmp)).resolve()
         sys.path[:0] = [str(llama_cpp), str(llama_cpp / "gguf-py")]
-        for case in CASES:
-            check(convert(case, args.out.resolve()))
+        for case, arch in CASES.items():
+            check(convert(case, args.out.resolve()), arch)
 
 
 if __name__ == "__main__":

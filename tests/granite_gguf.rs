@@ -1,15 +1,19 @@
-//! `granite` GGUFs written by llama.cpp's own converter, convert_hf_to_gguf.py
-//! (tests/fixtures/granite_gguf, made by scripts/make_granite_gguf.py), against HF transformers on
-//! the HF fixtures they were converted from.
+//! GGUFs written by llama.cpp's own converter, convert_hf_to_gguf.py (tests/fixtures/granite_gguf,
+//! made by scripts/make_granite_gguf.py), against HF transformers on the HF fixtures they were
+//! converted from: `granite`, `granitemoe` (experts, and a shared MLP), and an all-attention
+//! Granite 4.0 (`granite` with `head_count_kv` per layer).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::gguf_file::{self, Content};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use granite_rs::kernels::cpu::Precision;
 use granite_rs::text::tokenizer::Tokenizer;
-use granite_rs::{GenerateParams, Generator, GraniteConfig, Sequence};
+use granite_rs::{GenerateParams, Generator, GraniteConfig, LoadOptions, Sequence};
 
-const CASES: [&str; 2] = ["mha_tied", "gqa_untied"];
+const CASES: [&str; 5] = ["mha_tied", "gqa_untied", "moe", "moe_shared", "hybrid_dense"];
 
 fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
@@ -72,7 +76,14 @@ fn config_equals_the_hf_config() {
     for case in CASES {
         let (g, hf) = (load(case), GraniteConfig::from_file(&fixture(case).join("config.json")).unwrap());
         let c = g.config();
-        assert_eq!(c.model_type.as_deref(), Some("granite"));
+        let family = match case {
+            "moe" => "granitemoe",
+            "moe_shared" => "granitemoeshared",
+            _ => "granite",
+        };
+        assert_eq!(c.model_type.as_deref(), Some(family), "{case}");
+        assert_eq!(c.experts().unwrap(), hf.experts().unwrap(), "{case}");
+        assert_eq!(c.shared_mlp_size().unwrap(), hf.shared_mlp_size().unwrap(), "{case}");
         let shape = |c: &GraniteConfig| {
             let sizes = (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers);
             (sizes, c.num_attention_heads, c.num_kv_heads(), c.head_dim(), c.context_length())
@@ -97,5 +108,61 @@ fn config_equals_the_hf_config() {
             .map(|v| v as f32)
         };
         assert_eq!(scalars(c), scalars(&hf), "{case}");
+    }
+}
+
+/// moe.gguf with its expert stacks stored as `format`, or (`dequantized`) as f32 holding the
+/// values they have in `format`; the other tensors as they are.
+fn moe_with_experts(format: GgmlDType, dequantized: bool) -> PathBuf {
+    let src = fixture("granite_gguf").join("moe.gguf");
+    let mut file = std::fs::File::open(&src).unwrap();
+    let content = Content::read(&mut file).unwrap();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .into_iter()
+        .map(|name| {
+            let q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+            if !name.ends_with("_exps.weight") {
+                return (name.clone(), q);
+            }
+            let quantized = QTensor::quantize(&q.dequantize(&Device::Cpu).unwrap(), format).unwrap();
+            let stored = match dequantized {
+                true => QTensor::quantize(&quantized.dequantize(&Device::Cpu).unwrap(), GgmlDType::F32).unwrap(),
+                false => quantized,
+            };
+            (name.clone(), stored)
+        })
+        .collect();
+    let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let path =
+        std::env::temp_dir().join(format!("granite-rs-moe-{}-{format:?}-{dequantized}.gguf", std::process::id()));
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &metadata, &tensors).unwrap();
+    path
+}
+
+#[test]
+fn quantized_expert_stacks_load_as_their_experts() {
+    // Q8_0 experts are read in place; Q5_1 ones are split into a matrix per expert at load.
+    for format in [GgmlDType::Q8_0, GgmlDType::Q5_1] {
+        let opts = LoadOptions { precision: Precision::Exact, ..Default::default() };
+        let load = |dequantized| {
+            let path = moe_with_experts(format, dequantized);
+            let g = Generator::load_with(&path, &Device::Cpu, &opts).unwrap();
+            std::fs::remove_file(path).unwrap();
+            g
+        };
+        let (quantized, values) = (load(false), load(true));
+        let formats = |g: &Generator| g.model().matrices().iter().filter_map(|w| w.stored_type()).collect::<Vec<_>>();
+        // Per layer and expert: gate and up (one matrix where they lie together in place) and down.
+        let experts = formats(&quantized).into_iter().filter(|t| *t == format).count();
+        assert!(experts >= 2 * 4 * 2, "{format:?}: {experts} expert matrices");
+        assert!(!formats(&values).contains(&format));
+        let prompt: Vec<u32> = (5..40).collect();
+        let err = relative_error(&quantized.logits(&prompt).unwrap(), &values.logits(&prompt).unwrap());
+        // Rows routed to an expert in fours or fewer go through gemv, which rounds the activations
+        // of block types to 16 bits.
+        assert!(err <= 1e-3, "{format:?}: {err}");
     }
 }

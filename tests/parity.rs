@@ -1,5 +1,6 @@
-//! Logits and greedy tokens against HF transformers' GraniteForCausalLM, GraniteMoeForCausalLM
-//! and GraniteMoeSharedForCausalLM (tests/fixtures, made by scripts/make_fixtures.py).
+//! Logits and greedy tokens against HF transformers' GraniteForCausalLM, GraniteMoeForCausalLM,
+//! GraniteMoeSharedForCausalLM and GraniteMoeHybridForCausalLM with attention layers only
+//! (tests/fixtures, made by scripts/make_fixtures.py).
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use granite_rs::kernels::cpu::Precision;
 use granite_rs::loading::safetensors::Weights;
 use granite_rs::{ForwardOptions, Granite, GraniteConfig, Logits, Span};
 
-const CASES: [&str; 10] = [
+const CASES: [&str; 12] = [
     "mha_tied",
     "gqa_untied",
     "mqa_bias",
@@ -19,6 +20,8 @@ const CASES: [&str; 10] = [
     "llama_like",
     "moe",
     "moe_shared",
+    "hybrid_dense",
+    "hybrid_nope",
 ];
 
 fn fixture(case: &str) -> PathBuf {

@@ -1,4 +1,4 @@
-"""`granite` GGUFs from llama.cpp's convert_hf_to_gguf.py (tests/fixtures/granite_gguf, made by
+"""GGUFs (`granite`, `granitemoe`) from llama.cpp's convert_hf_to_gguf.py (tests/fixtures/granite_gguf, made by
 scripts/make_granite_gguf.py) against the HF fixtures they were converted from."""
 
 from pathlib import Path
@@ -10,7 +10,7 @@ from conftest import read_safetensors
 from granite_rs import Generator
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CASES = ["mha_tied", "gqa_untied"]
+CASES = ["mha_tied", "gqa_untied", "moe", "moe_shared", "hybrid_dense"]
 
 
 @pytest.mark.parametrize("case", CASES)

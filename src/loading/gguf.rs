@@ -1,5 +1,6 @@
-//! GGUF checkpoints (llama.cpp's format), architectures `llama` and `granite`: the config from
-//! the metadata, weights under HF names and in HF layout (quantized ones kept quantized).
+//! GGUF checkpoints (llama.cpp's format), architectures `llama`, `granite` and `granitemoe`: the
+//! config from the metadata, weights under HF names and in HF layout (quantized ones kept
+//! quantized). A stack of experts (E, out, in) becomes E matrices, named by `expert_name`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use serde_json::json;
 use crate::config::GraniteConfig;
 use crate::error::{candle_message, Error, Result};
 use crate::loading::mapped::{self, Mapped};
+use crate::loading::safetensors::expert_name;
 use crate::loading::weight::Weight;
 use crate::text::chat::ChatTemplate;
 
@@ -74,20 +76,36 @@ impl Gguf {
     fn architecture(&self) -> Result<&str> {
         let arch = self.metadata("general.architecture").and_then(|v| v.to_string().ok()).map(String::as_str);
         match arch {
-            Some(a @ ("llama" | "granite")) => Ok(a),
-            Some(other) => Err(bad(&self.path, format!("architecture `{other}` is not supported (llama, granite)"))),
+            Some(a @ ("llama" | "granite" | "granitemoe")) => Ok(a),
+            Some(other) => {
+                Err(bad(&self.path, format!("architecture `{other}` is not supported (llama, granite, granitemoe)")))
+            }
             None => Err(bad(&self.path, "general.architecture is missing")),
         }
     }
 
     fn number(&self, key: &str) -> Option<f64> {
-        let v = self.metadata(key)?;
-        v.to_f64()
-            .ok()
-            .or_else(|| v.to_f32().ok().map(f64::from))
-            .or_else(|| v.to_u64().ok().map(|n| n as f64))
-            .or_else(|| v.to_u32().ok().map(f64::from))
-            .or_else(|| v.to_i32().ok().map(f64::from))
+        value_number(self.metadata(key)?)
+    }
+
+    /// A count llama.cpp may write per layer, as an array with 0 on layers without attention
+    /// (Granite 4.0's `attention.head_count_kv`): the one value of the layers that have it.
+    fn layer_count(&self, key: &str) -> Result<Option<usize>> {
+        let Some(Value::Array(values)) = self.metadata(key) else { return Ok(self.number(key).map(|n| n as usize)) };
+        let counts: Vec<usize> = values
+            .iter()
+            .map(|v| value_number(v).filter(|n| *n >= 0.0).map(|n| n as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad(&self.path, format!("metadata `{key}` holds something other than counts")))?;
+        let mut used = counts.iter().copied().filter(|n| *n > 0);
+        let first = used.next();
+        if used.any(|n| Some(n) != first) {
+            return Err(bad(
+                &self.path,
+                format!("metadata `{key}` differs between layers ({counts:?}); not supported"),
+            ));
+        }
+        Ok(first)
     }
 
     fn required(&self, key: &str) -> Result<f64> {
@@ -111,7 +129,9 @@ impl Gguf {
         let arch = self.architecture()?;
         let key = |k: &str| format!("{arch}.{k}");
         let int = |k: &str| -> Result<usize> { Ok(self.required(&key(k))? as usize) };
-        let heads = int("attention.head_count")?;
+        let heads = self
+            .layer_count(&key("attention.head_count"))?
+            .ok_or_else(|| bad(&self.path, format!("metadata `{}` is missing", key("attention.head_count"))))?;
         let vocab = match self.number(&key("vocab_size")) {
             Some(v) => v as usize,
             None => self.metadata("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map_or(0, Vec::len),
@@ -124,7 +144,7 @@ impl Gguf {
             "intermediate_size": int("feed_forward_length")?,
             "num_hidden_layers": int("block_count")?,
             "num_attention_heads": heads,
-            "num_key_value_heads": self.number(&key("attention.head_count_kv")).map_or(heads, |v| v as usize),
+            "num_key_value_heads": self.layer_count(&key("attention.head_count_kv"))?.unwrap_or(heads),
             "max_position_embeddings": int("context_length")?,
             "rms_norm_eps": self.number(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
             "rope_theta": self.number(&key("rope.freq_base")).unwrap_or(10_000.0),
@@ -135,6 +155,14 @@ impl Gguf {
             "eos_token_id": id("eos_token_id"),
             "pad_token_id": id("padding_token_id"),
         });
+        let experts = self.number(&key("expert_count")).map_or(0, |n| n as usize);
+        if experts > 0 {
+            let shared = self.number(&key("expert_shared_feed_forward_length")).map(|n| n as usize);
+            cfg["model_type"] = json!(if shared.is_some() { "granitemoeshared" } else { "granitemoe" });
+            cfg["num_local_experts"] = json!(experts);
+            cfg["num_experts_per_tok"] = json!(int("expert_used_count")?);
+            cfg["shared_intermediate_size"] = json!(shared);
+        }
         if let Some(dim) = self.number(&key("attention.key_length")).or(self.number(&key("rope.dimension_count"))) {
             cfg["head_dim"] = json!(dim as usize);
         }
@@ -184,6 +212,12 @@ impl Gguf {
         let mut out = HashMap::new();
         for (name, info) in &self.content.tensor_infos {
             let hf = hf_name(name).ok_or_else(|| bad(&self.path, format!("tensor `{name}` is not supported")))?;
+            if let &[experts, n, k] = info.shape.dims() {
+                let at = usize::try_from(self.content.tensor_data_offset + info.offset).ok();
+                let split = self.experts(&map, at, &mut reader, name, (experts, n, k))?;
+                out.extend(split.into_iter().enumerate().map(|(e, w)| (expert_name(&hf, e), w)));
+                continue;
+            }
             let permuted = name.contains(".attn_q.") || name.contains(".attn_k.");
             let in_place = match info.shape.dims() {
                 &[n, k] if !permuted => usize::try_from(self.content.tensor_data_offset + info.offset)
@@ -225,6 +259,45 @@ impl Gguf {
     }
 }
 
+impl Gguf {
+    /// The matrices of tensor `name`, a stack of (n, k) matrices at byte `at` of the file: read
+    /// in place where `gemv` reads their format, else each kept in its GGUF type (f32 dense).
+    fn experts(
+        &self,
+        map: &Arc<memmap2::Mmap>,
+        at: Option<usize>,
+        reader: &mut BufReader<File>,
+        name: &str,
+        (count, n, k): (usize, usize, usize),
+    ) -> Result<Vec<Weight>> {
+        let format = self.content.tensor_infos[name].ggml_dtype;
+        let bytes = n * k / format.block_size() * format.type_size();
+        let mapped: Option<Vec<Weight>> = at.and_then(|at| {
+            (0..count)
+                .map(|e| Mapped::new(map, at + e * bytes, format, (n, k)).map(|m| Weight::Mapped(Arc::new(m))))
+                .collect()
+        });
+        if let Some(m) = mapped {
+            return Ok(m);
+        }
+        let q = self
+            .content
+            .tensor(reader, name, &Device::Cpu)
+            .map_err(|e| bad(&self.path, format!("tensor `{name}`: {}", candle_message(e))))?;
+        if q.dtype() == GgmlDType::F32 {
+            let t = q.dequantize(&Device::Cpu)?;
+            return (0..count).map(|e| Ok(Weight::Dense(t.get(e)?))).collect();
+        }
+        let data = q.data()?;
+        data.chunks_exact(bytes)
+            .map(|chunk| {
+                let storage = QStorage::from_data(Cow::Owned(chunk.to_vec()), &Device::Cpu, format)?;
+                Ok(Weight::Quantized(Arc::new(QTensor::new(storage, (n, k))?)))
+            })
+            .collect()
+    }
+}
+
 /// llama.cpp's converter interleaves the two rotary halves of each head's q/k rows; this is
 /// transformers' `_reverse_permute_weights`. (heads * head_dim, ...) in both.
 fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
@@ -262,7 +335,8 @@ fn unpermute_quantized(q: &QTensor, heads: usize) -> Result<QTensor> {
     Ok(QTensor::new(storage, q.shape().clone())?)
 }
 
-/// The HF weight name of a llama.cpp tensor name.
+/// The HF weight name of a llama.cpp tensor name. llama.cpp splits the MoE families' fused gate
+/// and up matrices (`input_linear`); `gate_linear` and `up_linear` name the halves.
 fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -286,6 +360,13 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
+        "ffn_gate_inp" => "block_sparse_moe.router.layer",
+        "ffn_gate_exps" => "block_sparse_moe.gate_linear",
+        "ffn_up_exps" => "block_sparse_moe.up_linear",
+        "ffn_down_exps" => "block_sparse_moe.output_linear",
+        "ffn_gate_shexp" => "shared_mlp.gate_linear",
+        "ffn_up_shexp" => "shared_mlp.up_linear",
+        "ffn_down_shexp" => "shared_mlp.output_linear",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -314,4 +395,13 @@ fn file_type_name(file_type: u32) -> String {
         other => return format!("file type {other}"),
     };
     name.to_string()
+}
+
+fn value_number(v: &Value) -> Option<f64> {
+    v.to_f64()
+        .ok()
+        .or_else(|| v.to_f32().ok().map(f64::from))
+        .or_else(|| v.to_u64().ok().map(|n| n as f64))
+        .or_else(|| v.to_u32().ok().map(f64::from))
+        .or_else(|| v.to_i32().ok().map(f64::from))
 }

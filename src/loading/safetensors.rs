@@ -54,6 +54,12 @@ enum Source {
     Memory(HashMap<String, Weight>),
 }
 
+/// The name of matrix `e` of stack `stack` where a loader splits the stack into its matrices
+/// (GGUF's experts).
+pub fn expert_name(stack: &str, e: usize) -> String {
+    format!("{stack}[{e}]")
+}
+
 /// One safetensors file, mapped, and its validated header.
 struct SafetensorsFile {
     path: PathBuf,
@@ -179,9 +185,20 @@ impl Weights {
         self.convert(stored)
     }
 
+    /// Whether the checkpoint holds tensor `name`, or a stack `name` split at load.
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Safetensors { location, .. } => location.contains_key(name),
+            Source::Memory(tensors) => tensors.contains_key(name) || tensors.contains_key(&expert_name(name, 0)),
+        }
+    }
+
     /// The `count` matrices (out, in) of a stack stored as one (count, out, in) tensor (a mixture's
     /// experts), each as `matrix` gives it: in place in the mapped file where it can be.
     pub fn stacked_matrices(&self, name: &str, count: usize, shape: [usize; 2]) -> Result<Vec<Weight>> {
+        if let Source::Memory(_) = &self.source {
+            return (0..count).map(|e| self.matrix(&expert_name(name, e), shape)).collect();
+        }
         let stored = match self.mapped_stack(name, count, shape)? {
             Some(m) => m.into_iter().map(|m| Weight::Mapped(Arc::new(m))).collect(),
             None => {

@@ -70,7 +70,8 @@ impl Granite {
         } else {
             Linear::load(w, "lm_head", vocab, hidden, false)?
         };
-        let rotary = RotaryEmbedding::new(cfg.rope()?, cfg.head_dim(), cfg.max_position_embeddings, dtype, device);
+        let rope = if cfg.uses_rope()? { Some(cfg.rope()?) } else { None };
+        let rotary = RotaryEmbedding::new(rope, cfg.head_dim(), cfg.max_position_embeddings, dtype, device);
         let budget = kv_cache_bytes.unwrap_or_else(|| default_kv_cache_bytes(cfg, dtype));
         let kv_pool = KvPool::new(cfg.num_hidden_layers, (cfg.num_kv_heads(), cfg.head_dim()), budget, dtype, device)?;
         Ok(Self {

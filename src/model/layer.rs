@@ -61,28 +61,18 @@ pub(crate) enum FeedForward {
 
 impl FeedForward {
     fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
-        match (cfg.family()?, cfg.experts()?) {
-            (Family::Dense, _) => Ok(Self::Mlp(Mlp::load(w, &format!("{prefix}.mlp"), cfg)?)),
-            (Family::Moe | Family::MoeShared, Some(e)) => {
-                let shared = cfg.shared_mlp_size()?;
-                Ok(Self::Moe {
-                    experts: Moe::load(w, &format!("{prefix}.block_sparse_moe"), cfg, e)?,
-                    shared: shared
-                        .map(|size| Mlp::load_fused(w, &format!("{prefix}.shared_mlp"), cfg, size))
-                        .transpose()?,
-                })
-            }
-            _ => {
-                let name = cfg.model_type.as_deref().unwrap_or_default();
-                Err(Error::config(
-                    "model_type",
-                    format!(
-                        "`{name}` models do not run yet: their feed-forward, a shared MLP with experts where there \
-                         are any, is not implemented"
-                    ),
-                ))
-            }
+        if cfg.family()? == Family::Dense {
+            return Ok(Self::Mlp(Mlp::load(w, &format!("{prefix}.mlp"), cfg)?));
         }
+        let shared = cfg.shared_mlp_size()?;
+        let shared = shared.map(|size| Mlp::load_fused(w, &format!("{prefix}.shared_mlp"), cfg, size)).transpose()?;
+        Ok(match (cfg.experts()?, shared) {
+            (Some(e), shared) => {
+                Self::Moe { experts: Moe::load(w, &format!("{prefix}.block_sparse_moe"), cfg, e)?, shared }
+            }
+            (None, Some(mlp)) => Self::Mlp(mlp),
+            (None, None) => return Err(Error::config("num_local_experts", "a layer needs experts or a shared MLP")),
+        })
     }
 
     /// x: (1, T, hidden), every span's rows, each token alone -> (1, T, hidden).

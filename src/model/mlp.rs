@@ -32,11 +32,17 @@ impl Mlp {
         })
     }
 
-    /// The MoE families' shared MLP: `{prefix}.input_linear` (gate and up stacked, 2 * size rows)
-    /// and `{prefix}.output_linear`, without biases.
+    /// The MoE families' shared MLP: `{prefix}.input_linear` (gate and up stacked, 2 * size rows;
+    /// or split, as `gate_linear` and `up_linear`) and `{prefix}.output_linear`, without biases.
     pub(crate) fn load_fused(w: &Weights, prefix: &str, cfg: &GraniteConfig, size: usize) -> Result<Self> {
+        let (gate, up) = (format!("{prefix}.gate_linear"), format!("{prefix}.up_linear"));
+        let gate_up_proj = if w.contains(&format!("{gate}.weight")) {
+            Linear::load_stacked(w, &[(&gate, size), (&up, size)], cfg.hidden_size, false)?
+        } else {
+            Linear::load(w, &format!("{prefix}.input_linear"), 2 * size, cfg.hidden_size, false)?
+        };
         Ok(Self {
-            gate_up_proj: Linear::load(w, &format!("{prefix}.input_linear"), 2 * size, cfg.hidden_size, false)?,
+            gate_up_proj,
             down_proj: Linear::load(w, &format!("{prefix}.output_linear"), cfg.hidden_size, size, false)?,
             act: cfg.activation()?,
         })

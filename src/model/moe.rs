@@ -20,18 +20,26 @@ pub(crate) struct Moe {
 }
 
 impl Moe {
-    /// `{prefix}.router.layer`, and the experts stacked in `{prefix}.input_linear` (E, 2I, H) and
-    /// `{prefix}.output_linear` (E, H, I).
+    /// `{prefix}.router.layer`, and the experts stacked in `{prefix}.input_linear` (E, 2I, H; or
+    /// split, as `gate_linear` and `up_linear`, (E, I, H) each) and `{prefix}.output_linear` (E, H, I).
     pub(crate) fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig, e: Experts) -> Result<Self> {
-        let hidden = cfg.hidden_size;
+        let (hidden, inter) = (cfg.hidden_size, e.intermediate);
         let linear = |m| Linear::new(m, None, w.precision());
-        let gate_up =
-            w.stacked_matrices(&format!("{prefix}.input_linear.weight"), e.count, [2 * e.intermediate, hidden])?;
-        let down = w.stacked_matrices(&format!("{prefix}.output_linear.weight"), e.count, [hidden, e.intermediate])?;
+        let stack = |name: &str, shape| w.stacked_matrices(&format!("{prefix}.{name}.weight"), e.count, shape);
+        let gate_up = if w.contains(&format!("{prefix}.gate_linear.weight")) {
+            let (gate, up) = (stack("gate_linear", [inter, hidden])?, stack("up_linear", [inter, hidden])?);
+            gate.into_iter()
+                .zip(up)
+                .map(|(g, u)| Linear::stack(vec![linear(g), linear(u)]))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            stack("input_linear", [2 * inter, hidden])?.into_iter().map(linear).collect()
+        };
+        let down = stack("output_linear", [hidden, inter])?;
         let act = cfg.activation()?;
         Ok(Self {
             router: Linear::load(w, &format!("{prefix}.router.layer"), e.count, hidden, false)?,
-            experts: gate_up.into_iter().zip(down).map(|(gu, d)| Mlp::from_parts(linear(gu), linear(d), act)).collect(),
+            experts: gate_up.into_iter().zip(down).map(|(gu, d)| Mlp::from_parts(gu, linear(d), act)).collect(),
             per_token: e.per_token,
         })
     }

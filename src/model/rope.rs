@@ -1,4 +1,5 @@
-//! Rotary position embeddings with transformers' default, linear and dynamic (NTK) frequencies.
+//! Rotary position embeddings with transformers' default, linear and dynamic (NTK) frequencies,
+//! or none (NoPE attention: Granite 4.0 hybrids), which is the rotation by angle 0.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -6,7 +7,8 @@ use crate::config::{Rope, RopeScaling};
 use crate::error::Result;
 
 pub struct RotaryEmbedding {
-    rope: Rope,
+    /// None: no positions (every angle 0, so cos 1 and sin 0: q and k stay as they are).
+    rope: Option<Rope>,
     head_dim: usize,
     max_positions: usize,
     dtype: DType,
@@ -14,23 +16,24 @@ pub struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    pub fn new(rope: Rope, head_dim: usize, max_positions: usize, dtype: DType, device: &Device) -> Self {
+    pub fn new(rope: Option<Rope>, head_dim: usize, max_positions: usize, dtype: DType, device: &Device) -> Self {
         Self { rope, head_dim, max_positions, dtype, device: device.clone() }
     }
 
     /// (head_dim / 2,) inverse frequencies for a forward whose last position is `seq_len - 1`.
     fn inv_freq(&self, seq_len: usize) -> Vec<f32> {
+        let Some(rope) = &self.rope else { return vec![0.0; self.head_dim / 2] };
         let dim = self.head_dim as f64;
-        let base = match self.rope.scaling {
+        let base = match rope.scaling {
             RopeScaling::Dynamic { factor } => {
                 // transformers rescales the base once the sequence outgrows max_position_embeddings.
                 let seq_len = seq_len.max(self.max_positions) as f64;
                 let ratio = factor * seq_len / self.max_positions as f64 - (factor - 1.0);
-                self.rope.theta * ratio.powf(dim / (dim - 2.0))
+                rope.theta * ratio.powf(dim / (dim - 2.0))
             }
-            _ => self.rope.theta,
+            _ => rope.theta,
         };
-        let divide = match self.rope.scaling {
+        let divide = match rope.scaling {
             RopeScaling::Linear { factor } => factor,
             _ => 1.0,
         };
