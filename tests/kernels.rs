@@ -364,3 +364,118 @@ fn bad_arguments_are_errors() -> Result<()> {
     assert!(kernels::swiglu(&randn(&[2, 5], DType::F32, 1)?).is_err());
     Ok(())
 }
+
+/// Mamba2's convolution (`kernels::cpu::mamba::Conv`) against plain candle: silu(bias + the
+/// kernel's taps over the window then the rows), the rows strided among other values.
+#[test]
+fn mamba_conv() -> Result<()> {
+    use granite_rs::kernels::cpu::mamba::Conv;
+    for (case, (t, c, k)) in [(1, 8, 4), (7, 12, 4), (5, 6, 2), (3, 10, 3)].into_iter().enumerate() {
+        let (stride, at) = (c + 5, 3);
+        let rows = randn(&[t, stride], DType::F32, 10 + case as u64)?;
+        let window = randn(&[k - 1, c], DType::F32, 20 + case as u64)?;
+        let (weight, bias) =
+            (randn(&[c, k], DType::F32, 30 + case as u64)?, randn(&[c], DType::F32, 40 + case as u64)?);
+        let inputs = Tensor::cat(&[&window, &rows.narrow(1, at, c)?], 0)?; // (k - 1 + t, c)
+        let mut want = bias.broadcast_as((t, c))?.contiguous()?;
+        for j in 0..k {
+            want = (want + inputs.narrow(0, j, t)?.broadcast_mul(&weight.narrow(1, j, 1)?.t()?)?)?;
+        }
+        let want = candle_nn::ops::silu(&want)?;
+
+        let (weight_v, bias_v) = (weight.flatten_all()?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
+        let conv = Conv { weight: &weight_v, bias: &bias_v, kernel: k };
+        let mut got = rows.flatten_all()?.to_vec1::<f32>()?;
+        let mut win = window.flatten_all()?.to_vec1::<f32>()?;
+        let mut before = vec![0f32; win.len()];
+        conv.forward(&mut got, stride, at, &mut win, Some(&mut before));
+        let got = Tensor::from_vec(got, (t, stride), &Device::Cpu)?;
+        assert_close("conv rows", &got.narrow(1, at, c)?, &want, 1e-5)?;
+        assert_close("untouched", &got.narrow(1, 0, at)?, &rows.narrow(1, 0, at)?, 0.0)?;
+        let window_after = Tensor::from_vec(win, (k - 1, c), &Device::Cpu)?;
+        assert_close("window", &window_after, &inputs.narrow(0, t, k - 1)?, 0.0)?;
+        let before = Tensor::from_vec(before, (k - 1, c), &Device::Cpu)?;
+        assert_close("window before the last row", &before, &inputs.narrow(0, t - 1, k - 1)?, 0.0)?;
+    }
+    Ok(())
+}
+
+/// Mamba2's scan (`kernels::cpu::mamba::Ssm`) against the quadratic form of the same model,
+/// in plain candle per head: y_t = Σ_{s<=t} (C_t·B_s) e^{a(Λ_t - Λ_s)} Δ_s x_s + e^{aΛ_t} C_t·h0
+/// + D x_t, Λ the running sum of Δ; and a sequence cut in two pieces gives the same bits as whole.
+#[test]
+fn mamba_scan() -> Result<()> {
+    use granite_rs::kernels::cpu::mamba::Ssm;
+    for (case, (t, heads, hd, groups, n)) in [(6, 4, 3, 2, 5), (9, 2, 4, 1, 8), (1, 3, 2, 3, 4)].into_iter().enumerate()
+    {
+        let seed = 100 * case as u64;
+        let inner = heads * hd;
+        let stride = inner + 2 * groups * n + heads + 3;
+        let rows = randn(&[t, stride], DType::F32, seed + 1)?;
+        let a: Vec<f32> = (0..heads).map(|h| -0.3 * (h + 1) as f32).collect();
+        let d = randn(&[heads], DType::F32, seed + 2)?.to_vec1::<f32>()?;
+        let dt_bias = randn(&[heads], DType::F32, seed + 3)?.to_vec1::<f32>()?;
+        let h0 = randn(&[heads, hd, n], DType::F32, seed + 4)?;
+        let ssm = Ssm { a: &a, d: &d, dt_bias: &dt_bias, head_dim: hd, groups, state: n, dt_limit: None };
+        let flat = rows.flatten_all()?.to_vec1::<f32>()?;
+        let dt_at = inner + 2 * groups * n;
+        let run = |from: usize, to: usize, state: &mut Vec<f32>| -> Vec<f32> {
+            let mut y = vec![0f32; (to - from) * inner];
+            let (xbc, dt) = (&flat[from * stride..to * stride], &flat[from * stride + dt_at..to * stride]);
+            ssm.scan(xbc, stride, dt, stride, state, &mut y, None);
+            y
+        };
+        let mut state = h0.flatten_all()?.to_vec1::<f32>()?;
+        let whole = run(0, t, &mut state);
+
+        let softplus = |x: &Tensor| -> Result<Tensor> { (x.exp()? + 1.0)?.log() };
+        let delta = softplus(&rows.narrow(1, dt_at, heads)?.broadcast_add(&Tensor::new(&dt_bias[..], &Device::Cpu)?)?)?;
+        let causal = Tensor::from_vec(
+            (0..t * t).map(|i| if i % t <= i / t { 1f32 } else { 0.0 }).collect::<Vec<_>>(),
+            (t, t),
+            &Device::Cpu,
+        )?;
+        let mut want = Vec::new();
+        for h in 0..heads {
+            let g = h / (heads / groups);
+            let x = rows.narrow(1, h * hd, hd)?; // (t, hd)
+            let b = rows.narrow(1, inner + g * n, n)?; // (t, n)
+            let c = rows.narrow(1, inner + (groups + g) * n, n)?;
+            let dh = delta.narrow(1, h, 1)?; // (t, 1)
+            let lam = (dh.cumsum(0)? * a[h] as f64)?; // a Λ_t, (t, 1)
+            let decay = (lam.broadcast_sub(&lam.t()?)?.exp()? * &causal)?; // e^{a(Λ_t - Λ_s)}, s <= t
+            let scores = (c.matmul(&b.t()?)? * decay)?; // (t, t)
+            let from_inputs = scores.matmul(&x.broadcast_mul(&dh)?)?;
+            let from_state = c.matmul(&h0.get(h)?.t()?)?.broadcast_mul(&lam.exp()?)?; // (t, hd)
+            want.push(((from_inputs + from_state)? + (x * d[h] as f64)?)?);
+        }
+        let want = Tensor::cat(&want, 1)?;
+        assert_close("scan", &Tensor::from_vec(whole.clone(), (t, inner), &Device::Cpu)?, &want, 1e-4)?;
+
+        // In two pieces, the state carried between them: the same bits.
+        if t < 2 {
+            continue;
+        }
+        let cut = t / 2;
+        let mut state = h0.flatten_all()?.to_vec1::<f32>()?;
+        let mut pieces = run(0, cut, &mut state);
+        pieces.extend(run(cut, t, &mut state));
+        assert_eq!(pieces, whole, "case {case}: pieces");
+    }
+    Ok(())
+}
+
+/// Mamba2's gated RMSNorm against plain candle: weight · rmsnorm(y · silu(z)) per group.
+#[test]
+fn mamba_gated_rms_norm() -> Result<()> {
+    use granite_rs::kernels::cpu::mamba::gated_rms_norm;
+    let (t, width, groups, z_stride) = (5, 12, 3, 20);
+    let (y, z, w) =
+        (randn(&[t, width], DType::F32, 1)?, randn(&[t, z_stride], DType::F32, 2)?, randn(&[width], DType::F32, 3)?);
+    let gated = (&y * candle_nn::ops::silu(&z.narrow(1, 0, width)?)?)?.reshape((t, groups, width / groups))?;
+    let rms = (gated.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
+    let want = gated.broadcast_div(&rms)?.reshape((t, width))?.broadcast_mul(&w)?;
+    let mut got = y.flatten_all()?.to_vec1::<f32>()?;
+    gated_rms_norm(&mut got, &z.flatten_all()?.to_vec1::<f32>()?, z_stride, &w.to_vec1::<f32>()?, groups, 1e-5);
+    assert_close("gated norm", &Tensor::from_vec(got, (t, width), &Device::Cpu)?, &want, 1e-5)
+}

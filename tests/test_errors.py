@@ -168,11 +168,12 @@ LOAD_ERRORS = [
     ),
     ("config_partial_rotary", edit_config(partial_rotary_factor=0.5), GraniteError, r"`partial_rotary_factor`"),
     ("config_model_type_bert", edit_config(model_type="bert"), GraniteError, r"`model_type`: `bert` is not supported"),
-    # The rest of the family is read and checked, then refused by name until it runs.
+    # The rest of the family: checked, and its weights looked for.
     ("config_moe_without_experts", edit_config(model_type="granitemoe"), GraniteError,
      r"weight `model.layers.0.block_sparse_moe.input_linear.weight` is missing from the checkpoint"),
-    ("config_hybrid_mamba_not_yet", edit_config(model_type="granitemoehybrid", layer_types=["mamba", "attention"]),
-     GraniteError, r"`layer_types`: layer 0 is a Mamba2 layer, which granite-rs does not run yet"),
+    ("config_hybrid_mamba_without_weights",
+     edit_config(model_type="granitemoehybrid", layer_types=["mamba", "attention"]),
+     GraniteError, r"weight `model.layers.0.mamba.conv1d.bias` is missing from the checkpoint"),
     ("config_moe_experts_per_token", edit_config(model_type="granitemoe", num_local_experts=4, num_experts_per_tok=5),
      GraniteError, r"`num_experts_per_tok`: must be between 1 and num_local_experts \(4\), got 5"),
     ("config_layer_types_short", edit_config(model_type="granitemoehybrid", layer_types=["attention"]), GraniteError,

@@ -1,6 +1,7 @@
 """The Granite family beyond the dense models through the Python API: mixtures of experts
-(granitemoe, granitemoeshared) and Granite 4.0's attention-only hybrids (granitemoehybrid, with RoPE
-and a dense MLP, or NoPE with experts). What the dense models give (greedy tokens, sessions, batches,
+(granitemoe, granitemoeshared) and Granite 4.0's hybrids (granitemoehybrid: attention only, with RoPE
+and a dense MLP or NoPE with experts; and with Mamba2 layers, whose sessions go back only to
+checkpoints). What the dense models give (greedy tokens, sessions, batches,
 streams) holds for them too. Their logits against transformers are checked in tests/parity.rs."""
 
 from pathlib import Path
@@ -16,7 +17,7 @@ PROMPT = [5, 6, 7, 8, 9, 10, 11]
 
 
 FAMILY = {"moe": "granitemoe", "moe_shared": "granitemoeshared", "hybrid_dense": "granitemoehybrid",
-          "hybrid_nope": "granitemoehybrid"}
+          "hybrid_nope": "granitemoehybrid", "hybrid_moe": "granitemoehybrid", "hybrid_mamba": "granitemoehybrid"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILY))
@@ -59,3 +60,36 @@ def test_model_info_names_the_family_and_counts_every_parameter(gen, case):
     assert info["model_type"] == FAMILY[case]
     weights = load_file(FIXTURES / case / "model.safetensors")
     assert info["parameters"] == sum(w.size for w in weights.values())
+
+@pytest.fixture(scope="module", params=["hybrid_moe", "hybrid_mamba"])
+def mamba(request) -> Generator:
+    return Generator(FIXTURES / request.param)
+
+
+def test_a_mamba_session_goes_back_to_its_checkpoints(mamba):
+    s = mamba.session()
+    answer = s.generate_ids(PROMPT, **GREEDY)
+    # A follow-up that leaves the answer after two tokens: back to the end of the prompt.
+    follow_up = PROMPT + answer[:2] + [12, 13]
+    r = s.generate_ids(follow_up, details=True, **GREEDY)
+    assert r.cached_tokens == len(PROMPT)
+    assert r.token_ids == mamba.generate_ids(follow_up, **GREEDY)
+    # The first prompt again: back to the checkpoint one token before its end.
+    again = s.generate_ids(PROMPT, details=True, **GREEDY)
+    assert (again.cached_tokens, again.token_ids) == (len(PROMPT) - 1, answer)
+
+
+def test_a_mamba_session_truncates_only_to_a_checkpoint(mamba):
+    s = mamba.session()
+    s.generate_ids(PROMPT, **GREEDY)
+    cached = len(s.cached_ids)
+    with pytest.raises(ValueError, match=rf"can go back to \[0, {len(PROMPT) - 1}, {len(PROMPT)}, {cached}\] cached"):
+        s.truncate(3)
+    assert len(s.cached_ids) == cached
+    copy = s.fork()
+    s.truncate(len(PROMPT))
+    assert s.cached_ids == PROMPT
+    follow_up = PROMPT + [20, 21]
+    want = mamba.generate_ids(follow_up, **GREEDY)
+    for session in (s, copy):
+        assert session.generate_ids(follow_up, **GREEDY) == want

@@ -279,7 +279,9 @@ class Session(_Generates):
 
     Each call reuses the longest common token prefix of its prompt with what is cached (prompts
     and generated tokens of earlier calls) and computes only the rest, so a follow-up chat turn
-    costs only its new tokens. One call at a time: a second call while a generation (or an
+    costs only its new tokens. A model with Mamba2 layers keeps a state instead of every position:
+    it reuses the longest such prefix it holds a checkpoint of (the end of each prompt, and one
+    token before it) or all of what is cached. One call at a time: a second call while a generation (or an
     unfinished stream) holds the cache raises ValueError; ``fork()`` gives an independent copy.
     """
 
@@ -289,6 +291,8 @@ class Session(_Generates):
     def reset(self) -> None:
         """Forgets everything cached."""
     def truncate(self, n: int) -> None:
-        """Keeps only the first ``n`` cached tokens."""
+        """Keeps only the first ``n`` cached tokens. A model with Mamba2 layers goes back only to 0,
+        to all of them, or to a checkpoint (the end of each prompt and one token before it);
+        another ``n`` raises ``ValueError`` naming those."""
     def fork(self) -> Session:
         """An independent copy (the cache is copied; nothing mutable is shared)."""

@@ -30,7 +30,8 @@ impl Sequence {
     }
 
     /// Continues from a cache holding `cached` tokens: the longest common prefix of `cached` and
-    /// `prompt` is kept and only the rest of the prompt is computed.
+    /// `prompt` that the cache can go back to is kept and only the rest of the prompt is computed
+    /// (a Mamba2 state goes back only to its checkpoints).
     pub fn resume(
         generator: Arc<Generator>,
         mut cache: KvCache,
@@ -42,6 +43,7 @@ impl Sequence {
         // At least the last prompt token is fed again: its logits pick the first new token.
         let common = cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
         cache.truncate(common);
+        let common = cache.len();
         let pending = prompt[common..].to_vec();
         let request = Request::new(generator.clone(), prompt, params, common)?;
         Ok(Self { generator, cache, request, pending, cancel: Arc::new(AtomicBool::new(false)) })

@@ -56,9 +56,23 @@ impl Session {
         self.truncate(0)
     }
 
-    /// Keeps only the first `n` cached tokens.
+    /// Keeps only the first `n` cached tokens. A model with Mamba2 layers keeps a state rather
+    /// than every position: it goes back only to the start, the end, or a checkpoint (the end of
+    /// each prompt, and one token before it); any other `n` is an error that names them.
     pub fn truncate(&mut self, n: usize) -> Result<()> {
-        self.cache.as_mut().ok_or_else(Self::busy)?.truncate(n);
+        let cache = self.cache.as_mut().ok_or_else(Self::busy)?;
+        let n = n.min(cache.len());
+        if cache.restorable(n) != n {
+            let mut lengths = vec![0];
+            lengths.extend(cache.ssm().map(|s| s.checkpoints()).unwrap_or_default());
+            lengths.push(cache.len());
+            lengths.dedup();
+            return Err(Error::invalid(format!(
+                "this model's Mamba2 layers keep a state, not every position: the session can go back to \
+                 {lengths:?} cached tokens, not {n}"
+            )));
+        }
+        cache.truncate(n);
         self.cached.truncate(n);
         Ok(())
     }

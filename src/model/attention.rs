@@ -19,10 +19,13 @@ pub(crate) struct Attention {
     head_dim: usize,
     /// The softmax scale: Granite's attention_multiplier.
     scale: f64,
+    /// This layer's keys and values among the pool's layers.
+    kv_layer: usize,
 }
 
 impl Attention {
-    pub(crate) fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig) -> Result<Self> {
+    /// `kv_layer`: this layer's place among the pool's layers.
+    pub(crate) fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig, kv_layer: usize) -> Result<Self> {
         let (n_heads, n_kv_heads, head_dim) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let proj = |name: &str, heads: usize| (format!("{prefix}.{name}"), heads * head_dim);
         let (q, k, v) = (proj("q_proj", n_heads), proj("k_proj", n_kv_heads), proj("v_proj", n_kv_heads));
@@ -40,12 +43,12 @@ impl Attention {
             n_kv_heads,
             head_dim,
             scale: cfg.attention_multiplier(),
+            kv_layer,
         })
     }
 
-    /// x: (1, T, hidden), the rows of `spans` one after another -> (1, T, hidden). Each span's
-    /// cache holds this layer at `layer`.
-    pub(crate) fn forward(&self, x: &Tensor, spans: &[SpanRows], layer: usize, packed: &PackedRows) -> Result<Tensor> {
+    /// x: (1, T, hidden), the rows of `spans` one after another -> (1, T, hidden).
+    pub(crate) fn forward(&self, x: &Tensor, spans: &[SpanRows], packed: &PackedRows) -> Result<Tensor> {
         let total = x.dim(1)?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward_packed(x, packed)?.reshape((1, total, nh + 2 * nkv, hd))?;
@@ -56,7 +59,7 @@ impl Attention {
                     &qkv.narrow(1, s.offset, s.len)?,
                     &s.pos,
                     &s.slots,
-                    s.cache.as_deref().map(|c| c.layer(layer)),
+                    s.cache.as_deref().map(|c| c.layer(self.kv_layer)),
                 )
             })
             .collect::<Result<Vec<_>>>()?;

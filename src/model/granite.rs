@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::GraniteConfig;
+use crate::config::{GraniteConfig, LayerKind};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::loading::safetensors::Weights;
@@ -17,9 +17,11 @@ use crate::model::kv_cache::KvCache;
 use crate::model::kv_pool::KvPool;
 use crate::model::layer::DecoderLayer;
 use crate::model::linear::{Linear, PackedRows};
+use crate::model::mamba::Mamba;
 use crate::model::mask::causal_mask;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::span::{Logits, Positions, Span, SpanRows};
+use crate::model::ssm_state::StateShape;
 
 /// How a forward runs beyond its inputs.
 #[derive(Default)]
@@ -37,8 +39,10 @@ pub struct Granite {
     /// Shares `embed_tokens` when the embeddings are tied.
     lm_head: Linear,
     rotary: RotaryEmbedding,
-    /// Every sequence's KV cache memory.
+    /// Every sequence's KV cache memory (of the attention layers).
     kv_pool: Arc<KvPool>,
+    /// One sequence's Mamba2 state, if there are Mamba layers.
+    ssm_shape: Option<StateShape>,
     /// Held by the forward that runs; see `forward_spans`.
     turn: Mutex<()>,
     cfg: GraniteConfig,
@@ -47,8 +51,8 @@ pub struct Granite {
 }
 
 /// The KV cache budget when none is given: one sequence of the whole context, within 1 to 16 GiB.
-fn default_kv_cache_bytes(cfg: &GraniteConfig, dtype: DType) -> usize {
-    let per_position = 2 * cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim() * dtype.size_in_bytes();
+fn default_kv_cache_bytes(cfg: &GraniteConfig, attention_layers: usize, dtype: DType) -> usize {
+    let per_position = 2 * attention_layers * cfg.num_kv_heads() * cfg.head_dim() * dtype.size_in_bytes();
     per_position.saturating_mul(cfg.context_length()).clamp(1 << 30, 16 << 30)
 }
 
@@ -64,7 +68,15 @@ impl Granite {
     ) -> Result<Self> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = w.matrix("model.embed_tokens.weight", [vocab, hidden])?;
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(w, cfg, i)).collect::<Result<Vec<_>>>()?;
+        // Each mixer's place among those of its kind: attention in the KV pool, Mamba in the state.
+        let (mut attention, mut mamba) = (0, 0);
+        let mut layers = Vec::new();
+        for i in 0..cfg.num_hidden_layers {
+            let kind = cfg.layer_kind(i)?;
+            let seen = if kind == LayerKind::Attention { &mut attention } else { &mut mamba };
+            layers.push(DecoderLayer::load(w, cfg, i, kind, *seen)?);
+            *seen += 1;
+        }
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None, w.precision())
         } else {
@@ -72,8 +84,9 @@ impl Granite {
         };
         let rope = if cfg.uses_rope()? { Some(cfg.rope()?) } else { None };
         let rotary = RotaryEmbedding::new(rope, cfg.head_dim(), cfg.max_position_embeddings, dtype, device);
-        let budget = kv_cache_bytes.unwrap_or_else(|| default_kv_cache_bytes(cfg, dtype));
-        let kv_pool = KvPool::new(cfg.num_hidden_layers, (cfg.num_kv_heads(), cfg.head_dim()), budget, dtype, device)?;
+        let budget = kv_cache_bytes.unwrap_or_else(|| default_kv_cache_bytes(cfg, attention, dtype));
+        let kv_pool = KvPool::new(attention, (cfg.num_kv_heads(), cfg.head_dim()), budget, dtype, device)?;
+        let ssm_shape = if mamba > 0 { Some(Mamba::state_shape(cfg, mamba)?) } else { None };
         Ok(Self {
             embed_tokens,
             layers,
@@ -81,6 +94,7 @@ impl Granite {
             lm_head,
             rotary,
             kv_pool: Arc::new(kv_pool),
+            ssm_shape,
             turn: Mutex::new(()),
             cfg: cfg.clone(),
             dtype,
@@ -116,7 +130,7 @@ impl Granite {
 
     /// An empty cache for one sequence, which takes blocks from the pool as it grows.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.kv_pool.clone())
+        KvCache::new(self.kv_pool.clone(), self.ssm_shape)
     }
 
     pub fn kv_pool(&self) -> &KvPool {
@@ -209,7 +223,7 @@ impl Granite {
                 self.device.synchronize()?;
                 return Err(Error::Cancelled);
             }
-            let mixed = layer.mixer.forward(&h, &mut rows, i, &packed)?;
+            let mixed = layer.mixer.forward(&h, &mut rows, &packed)?;
             (x, h) = kernels::add_rms_norm(&x, &mixed, residual_multiplier, norms[2 * i + 1], eps)?;
             let fed = layer.feed_forward.forward(&h, &packed)?;
             (x, h) = kernels::add_rms_norm(&x, &fed, residual_multiplier, norms[2 * i + 2], eps)?;

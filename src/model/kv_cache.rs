@@ -1,5 +1,6 @@
-//! One sequence's key/value cache: its blocks of the shared pool, in position order. Each forward
-//! writes its positions in place (kernels::rope_write_kv) at the slots the blocks give them.
+//! One sequence's cache: its key/value blocks of the shared pool, in position order, and (for
+//! models with Mamba2 layers) its recurrent state. Each forward writes its positions' keys in
+//! place (kernels::rope_write_kv) at the slots the blocks give them.
 
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::model::kv_pool::{KvPool, BLOCK_TOKENS};
+use crate::model::ssm_state::{SsmStates, StateShape};
 
 pub struct KvCache {
     pool: Arc<KvPool>,
@@ -14,11 +16,13 @@ pub struct KvCache {
     blocks: Vec<u32>,
     /// Positions filled, the same in every layer between forwards.
     len: usize,
+    /// The Mamba2 layers' state, if the model has any.
+    ssm: Option<SsmStates>,
 }
 
 impl KvCache {
-    pub fn new(pool: Arc<KvPool>) -> Self {
-        Self { pool, blocks: Vec::new(), len: 0 }
+    pub fn new(pool: Arc<KvPool>, ssm: Option<StateShape>) -> Self {
+        Self { pool, blocks: Vec::new(), len: 0, ssm: ssm.map(SsmStates::new) }
     }
 
     pub fn len(&self) -> usize {
@@ -54,9 +58,30 @@ impl KvCache {
         self.pool.layer(layer)
     }
 
-    /// Forgets every position from `len` on; whole blocks past it go back to the pool.
+    /// The Mamba2 layers' state, if the model has any.
+    pub fn ssm(&self) -> Option<&SsmStates> {
+        self.ssm.as_ref()
+    }
+
+    pub(crate) fn ssm_mut(&mut self) -> Option<&mut SsmStates> {
+        self.ssm.as_mut()
+    }
+
+    /// The length `truncate(n)` goes back to: n, or with a recurrent state, the longest length up
+    /// to n that it holds a copy of (or 0).
+    pub fn restorable(&self, n: usize) -> usize {
+        match &self.ssm {
+            Some(s) => s.restorable(self.len, n),
+            None => n.min(self.len),
+        }
+    }
+
+    /// Forgets every position from `restorable(len)` on; whole blocks past it go back to the pool.
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        self.len = match &mut self.ssm {
+            Some(s) => s.truncate(self.len, len),
+            None => self.len.min(len),
+        };
         let keep = self.len.div_ceil(BLOCK_TOKENS);
         if keep < self.blocks.len() {
             self.pool.release(&self.blocks[keep..]);
@@ -66,7 +91,7 @@ impl KvCache {
 
     /// A copy of the filled positions in blocks of its own.
     pub fn try_clone(&self) -> Result<Self> {
-        let mut copy = Self::new(self.pool.clone());
+        let mut copy = Self { pool: self.pool.clone(), blocks: Vec::new(), len: 0, ssm: self.ssm.clone() };
         copy.reserve(self.len)?;
         for (&src, &dst) in self.blocks.iter().zip(&copy.blocks) {
             self.pool.copy_block(src, dst)?;
@@ -78,6 +103,9 @@ impl KvCache {
     /// Marks `t` more positions as filled, once every layer has written them.
     pub fn advance(&mut self, t: usize) {
         self.len += t;
+        if let Some(s) = &mut self.ssm {
+            s.commit(self.len, t);
+        }
     }
 }
 
@@ -102,12 +130,12 @@ mod tests {
     fn blocks_come_from_the_pool_and_go_back() -> Result<()> {
         let pool = pool(4);
         assert_eq!((pool.capacity(), pool.free_positions()), (4 * BLOCK_TOKENS, 4 * BLOCK_TOKENS));
-        let mut a = KvCache::new(pool.clone());
+        let mut a = KvCache::new(pool.clone(), None);
         a.reserve(BLOCK_TOKENS + 1)?;
         assert_eq!(a.capacity(), 2 * BLOCK_TOKENS);
         assert_eq!(a.slots(BLOCK_TOKENS + 1), (0..BLOCK_TOKENS as u32 + 1).collect::<Vec<_>>(), "in order alone");
         a.advance(BLOCK_TOKENS + 1);
-        let mut b = KvCache::new(pool.clone());
+        let mut b = KvCache::new(pool.clone(), None);
         b.reserve(1)?;
         a.reserve(BLOCK_TOKENS)?;
         // a's third block comes after b's.
@@ -126,7 +154,7 @@ mod tests {
     #[test]
     fn a_clone_has_its_own_blocks_with_the_same_values() -> Result<()> {
         let pool = pool(4);
-        let mut a = KvCache::new(pool.clone());
+        let mut a = KvCache::new(pool.clone(), None);
         a.reserve(BLOCK_TOKENS + 3)?;
         a.advance(BLOCK_TOKENS + 3);
         let (k, v) = a.layer(1);

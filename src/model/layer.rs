@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::loading::safetensors::Weights;
 use crate::model::attention::Attention;
 use crate::model::linear::{Linear, PackedRows};
+use crate::model::mamba::Mamba;
 use crate::model::mlp::Mlp;
 use crate::model::moe::Moe;
 use crate::model::span::SpanRows;
@@ -15,36 +16,39 @@ use crate::model::span::SpanRows;
 /// What mixes the tokens of one layer, from `GraniteConfig::layer_kind`.
 pub(crate) enum Mixer {
     Attention(Attention),
+    Mamba(Mamba),
 }
 
 impl Mixer {
-    fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig, layer: usize) -> Result<Self> {
-        match cfg.layer_kind(layer)? {
-            LayerKind::Attention => Ok(Self::Attention(Attention::load(w, &format!("{prefix}.self_attn"), cfg)?)),
-            LayerKind::Mamba => Err(Error::config(
-                "layer_types",
-                format!("layer {layer} is a Mamba2 layer, which granite-rs does not run yet"),
-            )),
-        }
+    /// The mixer of a layer of `kind`, the `index`-th of its kind in the model (its place in a
+    /// sequence's cache).
+    fn load(w: &Weights, prefix: &str, cfg: &GraniteConfig, kind: LayerKind, index: usize) -> Result<Self> {
+        Ok(match kind {
+            LayerKind::Attention => Self::Attention(Attention::load(w, &format!("{prefix}.self_attn"), cfg, index)?),
+            LayerKind::Mamba => Self::Mamba(Mamba::load(w, &format!("{prefix}.mamba"), cfg, index)?),
+        })
     }
 
-    /// x: (1, T, hidden), the rows of `spans` one after another -> (1, T, hidden); each span's
-    /// cache holds this layer's state at `layer`.
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        spans: &mut [SpanRows],
-        layer: usize,
-        packed: &PackedRows,
-    ) -> Result<Tensor> {
+    /// x: (1, T, hidden), the rows of `spans` one after another -> (1, T, hidden).
+    pub(crate) fn forward(&self, x: &Tensor, spans: &mut [SpanRows], packed: &PackedRows) -> Result<Tensor> {
         match self {
-            Self::Attention(a) => a.forward(x, spans, layer, packed),
+            Self::Attention(a) => a.forward(x, spans, packed),
+            Self::Mamba(m) => m.forward(x, spans, packed),
         }
     }
 
     fn projections(&self) -> [&Linear; 2] {
         match self {
             Self::Attention(a) => [&a.qkv_proj, &a.o_proj],
+            Self::Mamba(m) => [&m.in_proj, &m.out_proj],
+        }
+    }
+
+    /// Parameters outside the projections.
+    fn other_parameters(&self) -> usize {
+        match self {
+            Self::Attention(_) => 0,
+            Self::Mamba(m) => m.other_parameters(),
         }
     }
 }
@@ -102,12 +106,13 @@ pub(crate) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(crate) fn load(w: &Weights, cfg: &GraniteConfig, layer: usize) -> Result<Self> {
+    /// Layer `layer`, whose mixer is of `kind`, the `index`-th of its kind.
+    pub(crate) fn load(w: &Weights, cfg: &GraniteConfig, layer: usize, kind: LayerKind, index: usize) -> Result<Self> {
         let prefix = format!("model.layers.{layer}");
         let norm = |name: &str| w.get(&format!("{prefix}.{name}.weight"), &[cfg.hidden_size]);
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
-            mixer: Mixer::load(w, &prefix, cfg, layer)?,
+            mixer: Mixer::load(w, &prefix, cfg, kind, index)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             feed_forward: FeedForward::load(w, &prefix, cfg)?,
         })
@@ -121,6 +126,7 @@ impl DecoderLayer {
     /// Parameters outside the projections' matrices: biases and norms.
     pub(crate) fn other_parameters(&self) -> usize {
         let biases: usize = self.projections().map(Linear::bias_len).sum();
-        biases + self.input_layernorm.elem_count() + self.post_attention_layernorm.elem_count()
+        let norms = self.input_layernorm.elem_count() + self.post_attention_layernorm.elem_count();
+        biases + norms + self.mixer.other_parameters()
     }
 }

@@ -12,6 +12,7 @@ mod gemm;
 mod gemv;
 pub(crate) mod greedy;
 pub(crate) mod int8;
+pub mod mamba;
 pub(crate) mod norm;
 pub(crate) mod prefill;
 pub(crate) mod rope;

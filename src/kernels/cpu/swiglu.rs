@@ -10,14 +10,19 @@ use crate::kernels::dtype::{by_dtype, contiguous, Float};
 /// gate_up (..., 2n) -> (..., n).
 pub(crate) struct Swiglu;
 
+/// silu(g) = g / (1 + e^-g), from e^-|g|, which cannot overflow.
+#[inline(always)]
+pub(crate) fn silu(g: f32) -> f32 {
+    let e = exp_nonpositive(-g.abs());
+    let sigmoid = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+    g * sigmoid
+}
+
 vectorized! {
-    /// out = silu(gate) * up, with silu(g) = g / (1 + e^-g) from e^-|g|, which cannot overflow.
+    /// out = silu(gate) * up.
     fn swiglu_row<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
         for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-            let g = g.f32();
-            let e = exp_nonpositive(-g.abs());
-            let sigmoid = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
-            *o = T::of(g * sigmoid * u.f32());
+            *o = T::of(silu(g.f32()) * u.f32());
         }
     }
 }
