@@ -152,6 +152,15 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_without_attention_layers_is_free_and_small() -> Result<()> {
+        let pool = Arc::new(KvPool::new(0, (2, 4), 1 << 30, DType::F32, &Device::Cpu)?);
+        assert_eq!((pool.bytes(), pool.capacity()), (0, 1 << 20));
+        let mut a = KvCache::new(pool, None);
+        a.reserve(1000)?;
+        Ok(())
+    }
+
+    #[test]
     fn a_clone_has_its_own_blocks_with_the_same_values() -> Result<()> {
         let pool = pool(4);
         let mut a = KvCache::new(pool.clone(), None);

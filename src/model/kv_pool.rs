@@ -34,8 +34,11 @@ impl KvPool {
         device: &Device,
     ) -> Result<Self> {
         let block_bytes = 2 * layers * n_kv_heads * BLOCK_TOKENS * head_dim * dtype.size_in_bytes();
-        // Slots are u32.
-        let blocks = (budget / block_bytes.max(1)).min(u32::MAX as usize / BLOCK_TOKENS);
+        // Slots are u32. Without attention layers blocks take no memory: a million positions.
+        let blocks = match block_bytes {
+            0 => (1 << 20) / BLOCK_TOKENS,
+            _ => (budget / block_bytes).min(u32::MAX as usize / BLOCK_TOKENS),
+        };
         if blocks == 0 {
             return Err(Error::invalid(format!(
                 "kv_cache_bytes={budget} is less than one block of the KV cache ({block_bytes} bytes: \
