@@ -22,6 +22,7 @@ answer `gpt-2` after checking that tokenizer.json says so.
 import argparse
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -31,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 CASES = {"mha_tied": "granite", "gqa_untied": "granite", "moe": "granitemoe", "moe_shared": "granitemoe",
-         "hybrid_dense": "granite"}
+         "hybrid_dense": "granite", "hybrid_moe": "granitehybrid"}
 SDIST = "llama-cpp-python==0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 GRANITE_KEYS = ["embedding_scale", "residual_scale", "attention.scale", "logit_scale"]
@@ -65,11 +66,26 @@ def check_gpt2_pre_tokenizer(case_dir: Path) -> None:
         sys.exit(f"{case_dir}: pre-tokenizer {pre} is not GPT-2's")
 
 
-def convert(case: str, out: Path) -> Path:
+def with_4x_layer_types(case_dir: Path, tmp: Path) -> Path:
+    """``case_dir``, or a copy whose ``layer_types`` use the 4.x names: the converter knows
+    attention layers only as ``"attention"`` (as the published checkpoints write them) and takes a
+    5.x ``"full_attention"`` layer for a Mamba2 one."""
+    config = json.loads((case_dir / "config.json").read_text())
+    kinds = {"full_attention": "attention", "linear_attention": "mamba"}
+    if not any(t in kinds for t in config.get("layer_types", [])):
+        return case_dir
+    copy = tmp / case_dir.name
+    shutil.copytree(case_dir, copy)
+    config["layer_types"] = [kinds.get(t, t) for t in config["layer_types"]]
+    (copy / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return copy
+
+
+def convert(case: str, out: Path, tmp: Path) -> Path:
     import convert_hf_to_gguf
     from conversion.base import TextModel
 
-    case_dir = FIXTURES / case
+    case_dir = with_4x_layer_types(FIXTURES / case, tmp)
     check_gpt2_pre_tokenizer(case_dir)
     TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     path = out / f"{case}.gguf"
@@ -116,7 +132,7 @@ def main() -> None:
             llama_cpp = unpack_llama_cpp(archive, Path(tmp)).resolve()
         sys.path[:0] = [str(llama_cpp), str(llama_cpp / "gguf-py")]
         for case, arch in CASES.items():
-            check(convert(case, args.out.resolve()), arch)
+            check(convert(case, args.out.resolve(), Path(tmp)), arch)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 //! GGUFs written by llama.cpp's own converter, convert_hf_to_gguf.py (tests/fixtures/granite_gguf,
 //! made by scripts/make_granite_gguf.py), against HF transformers on the HF fixtures they were
-//! converted from: `granite`, `granitemoe` (experts, and a shared MLP), and an all-attention
-//! Granite 4.0 (`granite` with `head_count_kv` per layer).
+//! converted from: `granite`, `granitemoe` (experts, and a shared MLP), an all-attention Granite
+//! 4.0 (`granite` with `head_count_kv` per layer), and a Granite 4.0-H (`granitehybrid`: Mamba2
+//! and NoPE attention layers, experts).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use granite_rs::kernels::cpu::Precision;
 use granite_rs::text::tokenizer::Tokenizer;
 use granite_rs::{GenerateParams, Generator, GraniteConfig, LoadOptions, Sequence};
 
-const CASES: [&str; 5] = ["mha_tied", "gqa_untied", "moe", "moe_shared", "hybrid_dense"];
+const CASES: [&str; 6] = ["mha_tied", "gqa_untied", "moe", "moe_shared", "hybrid_dense", "hybrid_moe"];
 
 fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
@@ -79,6 +80,7 @@ fn config_equals_the_hf_config() {
         let family = match case {
             "moe" => "granitemoe",
             "moe_shared" => "granitemoeshared",
+            "hybrid_moe" => "granitemoehybrid",
             _ => "granite",
         };
         assert_eq!(c.model_type.as_deref(), Some(family), "{case}");
@@ -86,9 +88,17 @@ fn config_equals_the_hf_config() {
         assert_eq!(c.shared_mlp_size().unwrap(), hf.shared_mlp_size().unwrap(), "{case}");
         let shape = |c: &GraniteConfig| {
             let sizes = (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers);
-            (sizes, c.num_attention_heads, c.num_kv_heads(), c.head_dim(), c.context_length())
+            (sizes, c.num_attention_heads, c.num_kv_heads(), c.head_dim())
         };
         assert_eq!(shape(c), shape(&hf), "{case}");
+        // For a hybrid with NoPE attention the converter writes a context of 2^20.
+        let context = if case == "hybrid_moe" { 1 << 20 } else { hf.context_length() };
+        assert_eq!(c.context_length(), context, "{case}");
+        let kinds = |c: &GraniteConfig| (0..c.num_hidden_layers).map(|i| c.layer_kind(i).unwrap()).collect::<Vec<_>>();
+        assert_eq!((kinds(c), c.uses_rope().unwrap()), (kinds(&hf), hf.uses_rope().unwrap()), "{case}");
+        if c.has_mamba().unwrap() {
+            assert_eq!(c.mamba().unwrap(), hf.mamba().unwrap(), "{case}");
+        }
         let flags = |c: &GraniteConfig| (c.tie_word_embeddings, c.attention_bias, c.mlp_bias);
         assert_eq!(flags(c), flags(&hf), "{case}");
         assert_eq!(
@@ -111,35 +121,49 @@ fn config_equals_the_hf_config() {
     }
 }
 
-/// moe.gguf with its expert stacks stored as `format`, or (`dequantized`) as f32 holding the
-/// values they have in `format`; the other tensors as they are.
-fn moe_with_experts(format: GgmlDType, dequantized: bool) -> PathBuf {
-    let src = fixture("granite_gguf").join("moe.gguf");
-    let mut file = std::fs::File::open(&src).unwrap();
+/// `case`.gguf with each tensor replaced by `f(name, tensor)`, written to a temporary file named
+/// after `tag`.
+fn rewritten(case: &str, tag: &str, f: impl Fn(&str, QTensor) -> QTensor) -> PathBuf {
+    let mut file = std::fs::File::open(fixture("granite_gguf").join(format!("{case}.gguf"))).unwrap();
     let content = Content::read(&mut file).unwrap();
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let tensors: Vec<(String, QTensor)> = names
-        .into_iter()
-        .map(|name| {
-            let q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
-            if !name.ends_with("_exps.weight") {
-                return (name.clone(), q);
-            }
-            let quantized = QTensor::quantize(&q.dequantize(&Device::Cpu).unwrap(), format).unwrap();
-            let stored = match dequantized {
-                true => QTensor::quantize(&quantized.dequantize(&Device::Cpu).unwrap(), GgmlDType::F32).unwrap(),
-                false => quantized,
-            };
-            (name.clone(), stored)
-        })
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| (name.clone(), f(name, content.tensor(&mut file, name, &Device::Cpu).unwrap())))
         .collect();
     let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
-    let path =
-        std::env::temp_dir().join(format!("granite-rs-moe-{}-{format:?}-{dequantized}.gguf", std::process::id()));
+    let path = std::env::temp_dir().join(format!("granite-rs-{case}-{}-{tag}.gguf", std::process::id()));
     gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &metadata, &tensors).unwrap();
     path
+}
+
+/// `q`'s values, stored as `format`.
+fn stored_as(q: &QTensor, format: GgmlDType) -> QTensor {
+    QTensor::quantize(&q.dequantize(&Device::Cpu).unwrap(), format).unwrap()
+}
+
+#[test]
+fn a_mamba_decay_that_is_not_negative_is_an_error() {
+    let path = rewritten("hybrid_moe", "positive-a", |name, q| match name {
+        "blk.0.ssm_a" => {
+            QTensor::quantize(&q.dequantize(&Device::Cpu).unwrap().abs().unwrap(), GgmlDType::F32).unwrap()
+        }
+        _ => q,
+    });
+    let err = Generator::load(&path, &Device::Cpu, None).err().expect("a positive A loads");
+    std::fs::remove_file(path).unwrap();
+    assert!(err.to_string().contains("tensor `blk.0.ssm_a` (A = -exp(A_log)) must be negative"), "{err}");
+}
+
+/// moe.gguf with its expert stacks stored as `format`, or (`dequantized`) as f32 holding the
+/// values they have in `format`; the other tensors as they are.
+fn moe_with_experts(format: GgmlDType, dequantized: bool) -> PathBuf {
+    rewritten("moe", &format!("{format:?}-{dequantized}"), |name, q| match name.ends_with("_exps.weight") {
+        false => q,
+        true if dequantized => stored_as(&stored_as(&q, format), GgmlDType::F32),
+        true => stored_as(&q, format),
+    })
 }
 
 #[test]

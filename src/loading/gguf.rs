@@ -1,6 +1,7 @@
-//! GGUF checkpoints (llama.cpp's format), architectures `llama`, `granite` and `granitemoe`: the
-//! config from the metadata, weights under HF names and in HF layout (quantized ones kept
-//! quantized). A stack of experts (E, out, in) becomes E matrices, named by `expert_name`.
+//! GGUF checkpoints (llama.cpp's format), architectures `llama`, `granite`, `granitemoe` and
+//! `granitehybrid`: the config from the metadata, weights under HF names and in HF layout
+//! (quantized ones kept quantized). A stack of experts (E, out, in) becomes E matrices, named by
+//! `expert_name`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -14,7 +15,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use crate::config::GraniteConfig;
+use crate::config::{Family, GraniteConfig};
 use crate::error::{candle_message, Error, Result};
 use crate::loading::mapped::{self, Mapped};
 use crate::loading::safetensors::expert_name;
@@ -76,10 +77,11 @@ impl Gguf {
     fn architecture(&self) -> Result<&str> {
         let arch = self.metadata("general.architecture").and_then(|v| v.to_string().ok()).map(String::as_str);
         match arch {
-            Some(a @ ("llama" | "granite" | "granitemoe")) => Ok(a),
-            Some(other) => {
-                Err(bad(&self.path, format!("architecture `{other}` is not supported (llama, granite, granitemoe)")))
-            }
+            Some(a @ ("llama" | "granite" | "granitemoe" | "granitehybrid")) => Ok(a),
+            Some(other) => Err(bad(
+                &self.path,
+                format!("architecture `{other}` is not supported (llama, granite, granitemoe, granitehybrid)"),
+            )),
             None => Err(bad(&self.path, "general.architecture is missing")),
         }
     }
@@ -88,15 +90,21 @@ impl Gguf {
         value_number(self.metadata(key)?)
     }
 
-    /// A count llama.cpp may write per layer, as an array with 0 on layers without attention
-    /// (Granite 4.0's `attention.head_count_kv`): the one value of the layers that have it.
-    fn layer_count(&self, key: &str) -> Result<Option<usize>> {
-        let Some(Value::Array(values)) = self.metadata(key) else { return Ok(self.number(key).map(|n| n as usize)) };
-        let counts: Vec<usize> = values
+    /// A count llama.cpp may write per layer: an array, or None for one value.
+    fn layer_counts(&self, key: &str) -> Result<Option<Vec<usize>>> {
+        let Some(Value::Array(values)) = self.metadata(key) else { return Ok(None) };
+        let counts = values
             .iter()
             .map(|v| value_number(v).filter(|n| *n >= 0.0).map(|n| n as usize))
             .collect::<Option<_>>()
             .ok_or_else(|| bad(&self.path, format!("metadata `{key}` holds something other than counts")))?;
+        Ok(Some(counts))
+    }
+
+    /// A count llama.cpp may write per layer, as an array with 0 on layers without attention
+    /// (Granite 4.0's `attention.head_count_kv`): the one value of the layers that have it.
+    fn layer_count(&self, key: &str) -> Result<Option<usize>> {
+        let Some(counts) = self.layer_counts(key)? else { return Ok(self.number(key).map(|n| n as usize)) };
         let mut used = counts.iter().copied().filter(|n| *n > 0);
         let first = used.next();
         if used.any(|n| Some(n) != first) {
@@ -156,7 +164,9 @@ impl Gguf {
             "pad_token_id": id("padding_token_id"),
         });
         let experts = self.number(&key("expert_count")).map_or(0, |n| n as usize);
-        if experts > 0 {
+        if arch == "granitehybrid" {
+            self.hybrid_config(&mut cfg, experts)?;
+        } else if experts > 0 {
             let shared = self.number(&key("expert_shared_feed_forward_length")).map(|n| n as usize);
             cfg["model_type"] = json!(if shared.is_some() { "granitemoeshared" } else { "granitemoe" });
             cfg["num_local_experts"] = json!(experts);
@@ -187,6 +197,60 @@ impl Gguf {
         Ok(cfg)
     }
 
+    /// The rest of a `granitehybrid` file's config: the layer types (no KV heads: Mamba2), the
+    /// Mamba2 sizes, the experts and the shared MLP.
+    fn hybrid_config(&self, cfg: &mut serde_json::Value, experts: usize) -> Result<()> {
+        let key = |k: &str| format!("granitehybrid.{k}");
+        let int = |k: &str| -> Result<usize> { Ok(self.required(&key(k))? as usize) };
+        let kv = self.layer_counts(&key("attention.head_count_kv"))?;
+        let layers = int("block_count")?;
+        let types: Vec<&str> = match &kv {
+            Some(counts) if counts.len() == layers => {
+                counts.iter().map(|&n| if n == 0 { "mamba" } else { "attention" }).collect()
+            }
+            _ => {
+                return Err(bad(
+                    &self.path,
+                    format!(
+                        "metadata `{}` must list the KV heads of each of the {layers} layers",
+                        key("attention.head_count_kv")
+                    ),
+                ))
+            }
+        };
+        let first_mamba = types.iter().position(|t| *t == "mamba");
+        let has = |tensor: &str| {
+            first_mamba.is_some_and(|i| self.content.tensor_infos.contains_key(&format!("blk.{i}.{tensor}")))
+        };
+        let (heads, inner, hidden) = (int("ssm.time_step_rank")?, int("ssm.inner_size")?, int("embedding_length")?);
+        if heads == 0 || hidden == 0 || !inner.is_multiple_of(heads) || !inner.is_multiple_of(hidden) {
+            return Err(bad(&self.path, format!("ssm.inner_size {inner} is not a multiple of ssm.time_step_rank {heads} and of embedding_length {hidden}")));
+        }
+        let rope = matches!(self.metadata(&key("rope.scaling.finetuned")), Some(Value::Bool(true)));
+        let shared =
+            self.number(&key("expert_shared_feed_forward_length")).map_or(int("feed_forward_length")?, |n| n as usize);
+        let fields = json!({
+            "model_type": "granitemoehybrid",
+            "layer_types": types,
+            "position_embedding_type": if rope { "rope" } else { "nope" },
+            "num_local_experts": experts,
+            "num_experts_per_tok": if experts > 0 { int("expert_used_count")? } else { 0 },
+            "shared_intermediate_size": shared,
+            "mamba_n_heads": heads,
+            "mamba_d_head": inner / heads,
+            "mamba_expand": inner / hidden,
+            "mamba_n_groups": int("ssm.group_count")?,
+            "mamba_d_state": int("ssm.state_size")?,
+            "mamba_d_conv": int("ssm.conv_kernel")?,
+            "mamba_conv_bias": has("ssm_conv1d.bias"),
+            "mamba_proj_bias": has("ssm_in.bias"),
+        });
+        for (k, v) in fields.as_object().expect("an object") {
+            cfg[k] = v.clone();
+        }
+        Ok(())
+    }
+
     /// The text of token `id` in the file's vocabulary.
     pub fn token(&self, id: u32) -> Option<&str> {
         let tokens = self.metadata("tokenizer.ggml.tokens")?.to_vec().ok()?;
@@ -211,7 +275,9 @@ impl Gguf {
         let mut reader = BufReader::new(file);
         let mut out = HashMap::new();
         for (name, info) in &self.content.tensor_infos {
-            let hf = hf_name(name).ok_or_else(|| bad(&self.path, format!("tensor `{name}` is not supported")))?;
+            let hybrid = cfg.family()? == Family::Hybrid;
+            let hf =
+                hf_name(name, hybrid).ok_or_else(|| bad(&self.path, format!("tensor `{name}` is not supported")))?;
             if let &[experts, n, k] = info.shape.dims() {
                 let at = usize::try_from(self.content.tensor_data_offset + info.offset).ok();
                 let split = self.experts(&map, at, &mut reader, name, (experts, n, k))?;
@@ -219,8 +285,10 @@ impl Gguf {
                 continue;
             }
             let permuted = name.contains(".attn_q.") || name.contains(".attn_k.");
+            // Mamba2's small matrices that transformers shapes otherwise.
+            let relaid = name.contains(".ssm_norm.") || name.contains(".ssm_conv1d.");
             let in_place = match info.shape.dims() {
-                &[n, k] if !permuted => usize::try_from(self.content.tensor_data_offset + info.offset)
+                &[n, k] if !permuted && !relaid => usize::try_from(self.content.tensor_data_offset + info.offset)
                     .ok()
                     .and_then(|at| Mapped::new(&map, at, info.ggml_dtype, (n, k))),
                 _ => None,
@@ -241,11 +309,11 @@ impl Gguf {
                 None
             };
             // f16 and bf16 matrices stay half precision, like the quantized types.
-            let weight = if q.dtype() == GgmlDType::F32 || q.shape().rank() != 2 {
+            let weight = if q.dtype() == GgmlDType::F32 || q.shape().rank() != 2 || relaid {
                 let t = q.dequantize(&Device::Cpu)?;
                 Weight::Dense(match heads {
                     Some(h) => unpermute(&t, h)?,
-                    None => t,
+                    None => self.mamba_layout(name, t)?,
                 })
             } else {
                 match heads {
@@ -298,6 +366,26 @@ impl Gguf {
     }
 }
 
+impl Gguf {
+    /// A Mamba2 tensor as transformers has it: llama.cpp's converter stores A = -exp(A_log)
+    /// (heads, 1), D (heads, 1), the convolution (channels, kernel) and the norm (groups, width).
+    fn mamba_layout(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        let part = name.split('.').nth(2).unwrap_or_default();
+        Ok(match part {
+            "ssm_a" => {
+                let a = t.flatten_all()?;
+                if a.to_vec1::<f32>()?.iter().any(|v| !(*v < 0.0)) {
+                    return Err(bad(&self.path, format!("tensor `{name}` (A = -exp(A_log)) must be negative")));
+                }
+                a.neg()?.log()?
+            }
+            "ssm_d" | "ssm_norm" => t.flatten_all()?,
+            "ssm_conv1d" if t.rank() == 2 => t.unsqueeze(1)?,
+            _ => t,
+        })
+    }
+}
+
 /// llama.cpp's converter interleaves the two rotary halves of each head's q/k rows; this is
 /// transformers' `_reverse_permute_weights`. (heads * head_dim, ...) in both.
 fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
@@ -336,8 +424,9 @@ fn unpermute_quantized(q: &QTensor, heads: usize) -> Result<QTensor> {
 }
 
 /// The HF weight name of a llama.cpp tensor name. llama.cpp splits the MoE families' fused gate
-/// and up matrices (`input_linear`); `gate_linear` and `up_linear` name the halves.
-fn hf_name(gguf: &str) -> Option<String> {
+/// and up matrices (`input_linear`); `gate_linear` and `up_linear` name the halves. In a hybrid
+/// (Granite 4.0) without experts, `ffn_*` is the shared MLP.
+fn hf_name(gguf: &str, hybrid: bool) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -349,8 +438,25 @@ fn hf_name(gguf: &str) -> Option<String> {
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
+    // Mamba2's per-head vectors, which llama.cpp names without a suffix (or under another).
+    let whole = match rest {
+        "ssm_a" => Some("mamba.A_log"),
+        "ssm_d" => Some("mamba.D"),
+        "ssm_dt.bias" => Some("mamba.dt_bias"),
+        _ => None,
+    };
+    if let Some(hf) = whole {
+        return Some(format!("model.layers.{layer}.{hf}"));
+    }
     let (part, kind) = rest.rsplit_once('.')?;
     let hf = match part {
+        "ffn_gate" if hybrid => "shared_mlp.gate_linear",
+        "ffn_up" if hybrid => "shared_mlp.up_linear",
+        "ffn_down" if hybrid => "shared_mlp.output_linear",
+        "ssm_in" => "mamba.in_proj",
+        "ssm_conv1d" => "mamba.conv1d",
+        "ssm_norm" => "mamba.norm",
+        "ssm_out" => "mamba.out_proj",
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
