@@ -374,7 +374,7 @@ impl Gguf {
         Ok(match part {
             "ssm_a" => {
                 let a = t.flatten_all()?;
-                if a.to_vec1::<f32>()?.iter().any(|v| !(*v < 0.0)) {
+                if !a.to_vec1::<f32>()?.iter().all(|v| *v < 0.0) {
                     return Err(bad(&self.path, format!("tensor `{name}` (A = -exp(A_log)) must be negative")));
                 }
                 a.neg()?.log()?
