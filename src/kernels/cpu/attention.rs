@@ -9,7 +9,7 @@ pub(crate) use crate::kernels::shapes::DecodeAttention;
 
 /// a · b with eight independent sums, so that the compiler vectorizes it.
 #[inline(always)]
-fn dot<T: Float>(a: &[f32], b: &[T]) -> f32 {
+pub(crate) fn dot<T: Float>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y.f32()).sum();

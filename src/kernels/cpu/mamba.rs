@@ -6,7 +6,9 @@
 
 use rayon::prelude::*;
 
+use super::attention::dot;
 use super::swiglu::silu;
+use super::vectorized;
 
 /// The convolution: `weight` (channels, kernel), `bias` (channels,).
 pub struct Conv<'a> {
@@ -116,6 +118,7 @@ impl Ssm<'_> {
             .map(|(h, s)| {
                 let g = h / per_group;
                 let mut out = vec![0f32; t * hd];
+                let mut db = vec![0f32; n];
                 let mut kept = None;
                 for i in 0..t {
                     if i + 1 == t && before_last.is_some() {
@@ -132,14 +135,7 @@ impl Ssm<'_> {
                         delta = delta.clamp(lo, hi);
                     }
                     let decay = (delta * self.a[h]).exp();
-                    for (p, (sp, &xp)) in s.chunks_exact_mut(n).zip(x).enumerate() {
-                        let mut dot = 0f32;
-                        for ((sv, &bv), &cv) in sp.iter_mut().zip(b).zip(c) {
-                            *sv = *sv * decay + delta * bv * xp;
-                            dot += *sv * cv;
-                        }
-                        out[i * hd + p] = dot + self.d[h] * xp;
-                    }
+                    step(s, x, b, c, [delta, decay, self.d[h]], &mut db, &mut out[i * hd..(i + 1) * hd]);
                 }
                 (out, kept)
             })
@@ -151,6 +147,23 @@ impl Ssm<'_> {
             if let (Some(dst), Some(kept)) = (before_last.as_deref_mut(), kept) {
                 dst[h * head_state..(h + 1) * head_state].copy_from_slice(&kept);
             }
+        }
+    }
+}
+
+vectorized! {
+    /// One token of one head, coef = [Δ, decay, d]: each row s_p of the state (one per x_p)
+    /// becomes s_p·decay + (Δ·B)·x_p, and out_p = s_p·C + d·x_p.
+    fn step(s: &mut [f32], x: &[f32], b: &[f32], c: &[f32], coef: [f32; 3], db: &mut [f32], out: &mut [f32]) {
+        let [delta, decay, d] = coef;
+        for (v, bv) in db.iter_mut().zip(b) {
+            *v = delta * bv;
+        }
+        for ((sp, &xp), o) in s.chunks_exact_mut(b.len()).zip(x).zip(out) {
+            for (sv, &dbv) in sp.iter_mut().zip(&*db) {
+                *sv = *sv * decay + dbv * xp;
+            }
+            *o = dot(sp, c) + d * xp;
         }
     }
 }
