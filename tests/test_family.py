@@ -4,6 +4,7 @@ and a dense MLP or NoPE with experts; and with Mamba2 layers, whose sessions go 
 checkpoints). What the dense models give (greedy tokens, sessions, batches,
 streams) holds for them too. Their logits against transformers are checked in tests/parity.rs."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,12 @@ def test_model_info_names_the_family_and_counts_every_parameter(gen, case):
     assert info["model_type"] == FAMILY[case]
     weights = load_file(FIXTURES / case / "model.safetensors")
     assert info["parameters"] == sum(w.size for w in weights.values())
+    # One sequence's Mamba2 state: per Mamba layer, the convolution's window and the SSM state.
+    mamba = [w for name, w in weights.items() if name.endswith("mamba.conv1d.weight")]
+    state = json.loads((FIXTURES / case / "config.json").read_text()).get("mamba_d_state")
+    inner = [w.size for name, w in weights.items() if name.endswith("mamba.norm.weight")]
+    want = sum(4 * (c.shape[0] * (c.shape[2] - 1) + i * state) for c, i in zip(mamba, inner))
+    assert (info.get("mamba_layers"), info.get("ssm_state_bytes")) == ((len(mamba), want) if mamba else (None, None))
 
 @pytest.fixture(scope="module", params=["hybrid_moe", "hybrid_mamba"])
 def mamba(request) -> Generator:

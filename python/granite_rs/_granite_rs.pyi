@@ -270,7 +270,9 @@ class Generator(_Generates):
         ``torch_dtype`` (the stored dtype, or a GGUF's file type such as "Q4_1"), ``parameters``
         and ``trained_context_length``; and the KV cache pool: ``kv_cache_bytes``,
         ``kv_cache_positions`` (all sequences together), ``kv_cache_free_positions`` (now) and
-        ``kv_block_positions``."""
+        ``kv_block_positions``; with Mamba2 layers, ``mamba_layers``, ``ssm_state_bytes`` (one
+        sequence's state, outside ``kv_cache_bytes``) and ``ssm_checkpoints`` (the copies of it
+        each sequence keeps at most, besides the state itself)."""
 
 @final
 class Session(_Generates):

@@ -137,6 +137,11 @@ impl Granite {
         &self.kv_pool
     }
 
+    /// The sizes of one sequence's Mamba2 state, if there are Mamba layers.
+    pub fn ssm_shape(&self) -> Option<StateShape> {
+        self.ssm_shape
+    }
+
     /// ids: (1, t) u32, continuing the sequence in `cache` (or a fresh one without it).
     /// Returns f32 logits (1, t, vocab) for `Logits::All`, (1, 1, vocab) for `Logits::Last`.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, which: Logits) -> Result<Tensor> {

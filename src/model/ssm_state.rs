@@ -12,6 +12,13 @@ pub struct StateShape {
     pub ssm: usize,
 }
 
+impl StateShape {
+    /// Bytes of one sequence's state, every Mamba layer.
+    pub fn bytes(&self) -> usize {
+        self.layers * (self.window + self.ssm) * std::mem::size_of::<f32>()
+    }
+}
+
 /// One layer's state after some positions.
 #[derive(Clone)]
 pub struct LayerState {
@@ -27,7 +34,7 @@ impl LayerState {
 }
 
 /// Checkpoints kept per sequence, the most recent ones.
-const CHECKPOINTS: usize = 4;
+pub const CHECKPOINTS: usize = 4;
 
 #[derive(Clone)]
 pub struct SsmStates {

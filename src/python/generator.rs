@@ -310,6 +310,11 @@ impl Generator {
         d.set_item("kv_cache_positions", pool.capacity())?;
         d.set_item("kv_cache_free_positions", pool.free_positions())?;
         d.set_item("kv_block_positions", crate::model::kv_pool::BLOCK_TOKENS)?;
+        if let Some(shape) = self.inner.model().ssm_shape() {
+            d.set_item("mamba_layers", shape.layers)?;
+            d.set_item("ssm_state_bytes", shape.bytes())?;
+            d.set_item("ssm_checkpoints", crate::model::ssm_state::CHECKPOINTS)?;
+        }
         Ok(d)
     }
 
