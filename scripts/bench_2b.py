@@ -42,16 +42,38 @@ WEIGHTS = ["bf16", *QUANTIZED]
 ENGINES = ["granite-rs", "llama.cpp"]
 
 
+def bf16(values):
+    """float values rounded to bfloat16 (to nearest, ties to even), as their uint16 bits."""
+    import numpy as np
+
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_bf16_safetensors(path: Path, named_bits) -> None:
+    """(name, bf16 bits) pairs as a safetensors file. safetensors' numpy API has no bfloat16 (it
+    needs torch for that), so it is written here: an 8-byte header length, the JSON header, then
+    each tensor's bytes in order."""
+    header, offset, datas = {}, 0, []
+    for name, bits in named_bits:
+        header[name] = {"dtype": "BF16", "shape": list(bits.shape), "data_offsets": [offset, offset + bits.nbytes]}
+        offset += bits.nbytes
+        datas.append(bits)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for bits in datas:
+            f.write(bits.tobytes())
+
+
 def tensors():
     """(HF name, GGUF name, bf16 bits as uint16) of every tensor, generated one at a time."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     kv = HIDDEN // HEADS * KV_HEADS
-
-    def bf16(values):
-        bits = values.astype(np.float32).view(np.uint32)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
     def matrix(rows, cols):
         return bf16(rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)
@@ -96,26 +118,16 @@ def write_checkpoint(hf_dir: Path, gguf_path, tokenizer_dir: Path, tokenizer_ggu
 
         writer = bench_kquants.granite_writer(gguf_path, gguf.LlamaFileType.MOSTLY_BF16, shape, tokenizer_gguf)
 
-    # safetensors' numpy API has no bfloat16 (it needs torch for that), so the file is written
-    # here: an 8-byte header length, the JSON header, then each tensor's bytes in order.
-    header, offset, datas = {}, 0, []
+    named = []
     for hf_name, gguf_name, bits in tensors():
-        header[hf_name] = {"dtype": "BF16", "shape": list(bits.shape), "data_offsets": [offset, offset + bits.nbytes]}
-        offset += bits.nbytes
-        datas.append(bits)
+        named.append((hf_name, bits))
         if writer is None:
             continue
         if bits.ndim == 1:  # norms stay f32 in a GGUF, as the converter writes them (ggml adds no bf16)
             writer.add_tensor(gguf_name, (bits.astype(np.uint32) << 16).view(np.float32))
         else:
             writer.add_tensor(gguf_name, bits, raw_shape=bits.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(hf_dir / "model.safetensors", "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for bits in datas:
-            f.write(bits.tobytes())
+    write_bf16_safetensors(hf_dir / "model.safetensors", named)
     if writer is None:
         return
     writer.write_header_to_file()

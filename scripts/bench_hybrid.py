@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import bench_compare
+from bench_2b import bf16, write_bf16_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, LAYERS, HEADS, KV_HEADS, SHARED, VOCAB = 2048, 40, 32, 8, 8192, 49152
@@ -38,10 +39,6 @@ def tensors(hybrid: bool):
     kv = HIDDEN // HEADS * KV_HEADS
     inner = MAMBA_HEADS * MAMBA_HEAD_DIM
     channels = inner + 2 * STATE
-
-    def bf16(values):
-        bits = np.asarray(values, dtype=np.float32).view(np.uint32)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
     def matrix(*shape):
         return bf16(rng.standard_normal(shape, dtype=np.float32) * 0.02)
@@ -88,19 +85,7 @@ def write_checkpoint(out: Path, hybrid: bool, tokenizer_dir: Path) -> None:
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "bfloat16", **MULTIPLIERS,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    # safetensors' numpy API has no bfloat16: header length, JSON header, then the bytes in order.
-    header, offset, datas = {}, 0, []
-    for name, bits in tensors(hybrid):
-        header[name] = {"dtype": "BF16", "shape": list(bits.shape), "data_offsets": [offset, offset + bits.nbytes]}
-        offset += bits.nbytes
-        datas.append(bits)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(out / "model.safetensors", "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for bits in datas:
-            f.write(bits.tobytes())
+    write_bf16_safetensors(out / "model.safetensors", tensors(hybrid))
 
 
 def bandwidth() -> float:
