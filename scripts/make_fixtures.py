@@ -63,9 +63,10 @@ CASES = {
         None, dict(layout="4.x"),
     ),
     "rope_linear": ({}, dict(rope_type="linear", factor=2.0, rope_theta=500.0), dict(layout="4.x")),
+    # A prompt longer than max_position_embeddings x factor, which transformers runs.
     "rope_dynamic": (
         dict(max_position_embeddings=32, num_key_value_heads=2),
-        dict(rope_type="dynamic", factor=4.0, rope_theta=10000.0), dict(layout="5.x"),
+        dict(rope_type="dynamic", factor=4.0, rope_theta=10000.0), dict(layout="5.x", prompt_repeats=3),
     ),
     "bf16": (dict(num_key_value_heads=2), None, dict(layout="4.x", dtype=torch.bfloat16)),
     "sharded": (dict(num_key_value_heads=2, tie_word_embeddings=False), None, dict(layout="5.x", shard="100KB")),
@@ -232,7 +233,7 @@ def build_case(out: Path, name: str, tok: Tokenizer, seed: int) -> None:
     # The reference runs on what we wrote, read back the way transformers reads it, in f32.
     ref_model = AutoModelForCausalLM.from_pretrained(case_dir, dtype=torch.float32, attn_implementation="eager")
     ref_model.eval()
-    ids = tok.encode(PROMPT).ids
+    ids = tok.encode(PROMPT * opts.get("prompt_repeats", 1)).ids
     ref = reference(ref_model, ids)
     margin = ref.pop("_margin")
     save_file(ref, str(case_dir / "reference.safetensors"))

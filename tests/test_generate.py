@@ -50,6 +50,23 @@ def test_logits_and_greedy_tokens_match_transformers(case):
         assert model.generate_ids(ids, max_new_tokens=32, ignore_eos=True) == ref["greedy_ids"].tolist()
 
 
+def test_dynamic_rope_is_bounded_by_the_kv_cache_only():
+    """Dynamic scaling rescales its frequencies to any length, as transformers does: the fixture's
+    prompt (147 tokens) is past max_position_embeddings x factor (128), and the KV cache budget is
+    the limit."""
+    ref = read_reference("rope_dynamic")
+    ids = ref["input_ids"].tolist()
+    assert len(ids) > 32 * 4
+    per_block = 16 * 2 * 2 * 2 * 16 * 4  # positions x (k, v) x layers x kv heads x head_dim x f32
+    small = Generator(FIXTURES / "rope_dynamic", kv_cache_bytes=8 * per_block)
+    assert small.context_length == small.model_info["kv_cache_positions"] == 128
+    with pytest.raises(ValueError, match=r"the prompt has 147 tokens but the context holds 128"):
+        small.generate_ids(ids)
+    g = Generator(FIXTURES / "rope_dynamic", kv_cache_bytes=16 * per_block)
+    assert g.context_length == 256
+    assert g.generate_ids(ids, max_new_tokens=32, ignore_eos=True) == ref["greedy_ids"].tolist()
+
+
 def test_generate_is_the_decoded_greedy_ids(gen):
     prompt = "The quick brown fox"
     ids = gen.generate_ids(gen.encode(prompt), max_new_tokens=40, ignore_eos=True)

@@ -240,7 +240,8 @@ class Generator(_Generates):
     def vocab_size(self) -> int: ...
     @property
     def context_length(self) -> int:
-        """The most tokens (prompt and new) one sequence may hold."""
+        """The most tokens (prompt and new) one sequence may hold: ``max_position_embeddings``,
+        or with dynamic RoPE scaling, which rescales to any length, what the KV cache budget holds."""
     @property
     def eos_token_ids(self) -> list[int]:
         """End-of-sequence ids from config.json and generation_config.json."""

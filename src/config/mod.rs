@@ -507,7 +507,14 @@ impl GraniteConfig {
         Ok(Rope { theta, scaling })
     }
 
-    /// The longest sequence we accept: `max_position_embeddings`, stretched by dynamic scaling.
+    /// Whether RoPE frequencies are rescaled to any sequence length (dynamic scaling), so that,
+    /// as in transformers, only memory bounds a sequence.
+    pub fn positions_unbounded(&self) -> bool {
+        matches!(self.rope().map(|r| r.scaling), Ok(RopeScaling::Dynamic { .. }))
+    }
+
+    /// The length the positions were made for: `max_position_embeddings`, stretched by dynamic
+    /// scaling (what the default KV cache budget holds).
     pub fn context_length(&self) -> usize {
         match self.rope().map(|r| r.scaling) {
             Ok(RopeScaling::Dynamic { factor }) => (self.max_position_embeddings as f64 * factor) as usize,

@@ -183,8 +183,14 @@ impl Generator {
         Ok(())
     }
 
+    /// The longest sequence: the model's positions, or with dynamic RoPE scaling (which rescales
+    /// to any length, as transformers does) what the KV cache budget holds.
     pub fn context_length(&self) -> usize {
-        self.config().context_length()
+        if self.config().positions_unbounded() {
+            self.model.kv_pool().capacity()
+        } else {
+            self.config().context_length()
+        }
     }
 
     /// Checks token ids from a caller against the vocabulary.
