@@ -31,12 +31,9 @@ fn reference() -> Reference {
     serde_json::from_str(&text).unwrap()
 }
 
-/// A fresh empty directory under the system temp dir.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("granite-rs-chat-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh empty directory, removed when dropped.
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
 }
 
 fn user(content: &str) -> Message {
@@ -105,22 +102,22 @@ fn alternation_check_of_a_realistic_template_fails_cleanly() {
 
 #[test]
 fn a_directory_without_a_template_is_none() {
-    let empty = temp_dir("empty");
-    assert!(ChatTemplate::from_dir(&empty).unwrap().is_none());
+    let empty = temp_dir();
+    assert!(ChatTemplate::from_dir(empty.path()).unwrap().is_none());
 
-    let config_only = temp_dir("config-only");
-    std::fs::write(config_only.join("tokenizer_config.json"), r#"{"bos_token": "<s>", "chat_template": null}"#)
+    let config_only = temp_dir();
+    std::fs::write(config_only.path().join("tokenizer_config.json"), r#"{"bos_token": "<s>", "chat_template": null}"#)
         .unwrap();
-    assert!(ChatTemplate::from_dir(&config_only).unwrap().is_none());
+    assert!(ChatTemplate::from_dir(config_only.path()).unwrap().is_none());
 
-    let missing = empty.join("missing");
+    let missing = empty.path().join("missing");
     assert!(matches!(ChatTemplate::from_dir(&missing), Err(Error::NotFound { .. })));
 }
 
 #[test]
 fn named_templates_and_added_token_objects() {
     // transformers 4.x: a list of {name, template}; special tokens serialized as AddedToken objects.
-    let dir = temp_dir("named");
+    let dir = temp_dir();
     let config = r#"{
         "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": false, "special": true},
         "eos_token": "</s>",
@@ -129,40 +126,43 @@ fn named_templates_and_added_token_objects() {
             {"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"}
         ]
     }"#;
-    std::fs::write(dir.join("tokenizer_config.json"), config).unwrap();
-    let t = ChatTemplate::from_dir(&dir).unwrap().unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), config).unwrap();
+    let t = ChatTemplate::from_dir(dir.path()).unwrap().unwrap();
     assert_eq!(t.render(&[user("hi")], false).unwrap(), "<s>hi</s>");
 
     // A chat_template.jinja (5.x) wins over tokenizer_config.json; Python reads \r\n as \n.
-    std::fs::write(dir.join("chat_template.jinja"), "{{ messages[0].content }}\r\n!\r\n").unwrap();
-    let t = ChatTemplate::from_dir(&dir).unwrap().unwrap();
+    std::fs::write(dir.path().join("chat_template.jinja"), "{{ messages[0].content }}\r\n!\r\n").unwrap();
+    let t = ChatTemplate::from_dir(dir.path()).unwrap().unwrap();
     assert_eq!(t.source(), "{{ messages[0].content }}\n!\n");
     assert_eq!(t.render(&[user("hi")], false).unwrap(), "hi\n!");
     assert_eq!(t.bos_token(), Some("<s>"));
 
     // Only non-default templates: nothing transformers could render by default.
-    let dir = temp_dir("no-default");
-    std::fs::write(dir.join("tokenizer_config.json"), r#"{"chat_template": [{"name": "rag", "template": "x"}]}"#)
-        .unwrap();
-    let err = ChatTemplate::from_dir(&dir).unwrap_err();
+    let dir = temp_dir();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"chat_template": [{"name": "rag", "template": "x"}]}"#,
+    )
+    .unwrap();
+    let err = ChatTemplate::from_dir(dir.path()).unwrap_err();
     assert!(err.to_string().contains("\"rag\""), "{err}");
 }
 
 #[test]
 fn additional_chat_templates_directory() {
-    let dir = temp_dir("additional");
-    std::fs::write(dir.join("tokenizer_config.json"), r#"{"chat_template": "from config"}"#).unwrap();
-    std::fs::create_dir(dir.join("additional_chat_templates")).unwrap();
-    std::fs::write(dir.join("additional_chat_templates/default.jinja"), "from file").unwrap();
-    let t = ChatTemplate::from_dir(&dir).unwrap().unwrap();
+    let dir = temp_dir();
+    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": "from config"}"#).unwrap();
+    std::fs::create_dir(dir.path().join("additional_chat_templates")).unwrap();
+    std::fs::write(dir.path().join("additional_chat_templates/default.jinja"), "from file").unwrap();
+    let t = ChatTemplate::from_dir(dir.path()).unwrap().unwrap();
     assert_eq!(t.render(&[user("hi")], false).unwrap(), "from file");
 }
 
 #[test]
 fn a_syntax_error_fails_at_load_with_its_line() {
-    let dir = temp_dir("syntax");
-    std::fs::write(dir.join("chat_template.jinja"), "ok\n{% for m in messages %}{{ m.content }}").unwrap();
-    let err = ChatTemplate::from_dir(&dir).unwrap_err();
+    let dir = temp_dir();
+    std::fs::write(dir.path().join("chat_template.jinja"), "ok\n{% for m in messages %}{{ m.content }}").unwrap();
+    let err = ChatTemplate::from_dir(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Tokenizer(_)), "{err:?}");
     assert!(err.to_string().contains("chat_template.jinja:2"), "{err}");
 }

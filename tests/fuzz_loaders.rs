@@ -5,7 +5,7 @@
 
 use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{self, Value};
@@ -19,24 +19,6 @@ const SEED: u64 = 0x0067_7261_6e69_7465;
 const GGUF_CASES: usize = 6000;
 const SAFETENSORS_CASES: usize = 3000;
 const CONFIG_BYTE_CASES: usize = 500;
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("granite-fuzz-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Loads `path` and, if that works, generates two tokens; Err is fine, a panic is returned.
 fn load_and_run(path: &Path) -> Option<String> {
@@ -182,8 +164,8 @@ fn mutated_gguf_files_never_panic() {
     let (metadata, tensors) = tiny_gguf();
     let original = gguf_bytes(&metadata, &tensors);
     let header = gguf_file::Content::read(&mut Cursor::new(&original)).unwrap().tensor_data_offset as usize;
-    let dir = TempDir::new("gguf");
-    let path = dir.0.join("tiny.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
     std::fs::write(&path, &original).unwrap();
     Generator::load(&path, &Device::Cpu, None).expect("the unmutated GGUF loads");
     let panics = fuzz_file(&mut StdRng::seed_from_u64(SEED), &original, header, &path, GGUF_CASES);
@@ -193,8 +175,8 @@ fn mutated_gguf_files_never_panic() {
 #[test]
 fn gguf_files_with_odd_metadata_or_tensors_never_panic() {
     let (metadata, tensors) = tiny_gguf();
-    let dir = TempDir::new("gguf-values");
-    let path = dir.0.join("tiny.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
     let odd = [
         Value::U32(0),
         Value::U32(1),
@@ -251,21 +233,21 @@ fn gguf_files_with_odd_metadata_or_tensors_never_panic() {
 }
 
 /// A copy of the `mha_tied` fixture in a temp dir.
-fn fixture_copy(name: &str) -> TempDir {
-    let dir = TempDir::new(name);
+fn fixture_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mha_tied");
     for file in ["config.json", "generation_config.json", "tokenizer.json", "model.safetensors"] {
-        std::fs::copy(fixture.join(file), dir.0.join(file)).unwrap();
+        std::fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
     }
     dir
 }
 
 #[test]
 fn mutated_safetensors_files_never_panic() {
-    let dir = fixture_copy("safetensors");
-    let path = dir.0.join("model.safetensors");
+    let dir = fixture_copy();
+    let path = dir.path().join("model.safetensors");
     let original = std::fs::read(&path).unwrap();
-    assert!(Generator::load(&dir.0, &Device::Cpu, None).is_ok());
+    assert!(Generator::load(dir.path(), &Device::Cpu, None).is_ok());
     let header = 8 + u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
     let panics = fuzz_file(&mut StdRng::seed_from_u64(SEED), &original, header, &path, SAFETENSORS_CASES);
     report("safetensors", SAFETENSORS_CASES, &panics);
@@ -273,8 +255,8 @@ fn mutated_safetensors_files_never_panic() {
 
 #[test]
 fn mutated_configs_never_panic() {
-    let dir = fixture_copy("config");
-    let path = dir.0.join("config.json");
+    let dir = fixture_copy();
+    let path = dir.path().join("config.json");
     let original = std::fs::read(&path).unwrap();
     let config: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&original).unwrap();
     let values = serde_json::json!([
@@ -289,7 +271,7 @@ fn mutated_configs_never_panic() {
             changed.insert(key.clone(), value.clone());
             std::fs::write(&path, serde_json::to_vec(&changed).unwrap()).unwrap();
             cases += 1;
-            if let Some(message) = load_and_run(&dir.0) {
+            if let Some(message) = load_and_run(dir.path()) {
                 panics.push(format!("{key} = {value}: {message}"));
             }
         }
