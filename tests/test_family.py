@@ -66,7 +66,20 @@ def test_model_info_names_the_family_and_counts_every_parameter(gen, case):
     state = json.loads((FIXTURES / case / "config.json").read_text()).get("mamba_d_state")
     inner = [w.size for name, w in weights.items() if name.endswith("mamba.norm.weight")]
     want = sum(4 * (c.shape[0] * (c.shape[2] - 1) + i * state) for c, i in zip(mamba, inner))
-    assert (info.get("mamba_layers"), info.get("ssm_state_bytes")) == ((len(mamba), want) if mamba else (None, None))
+    assert (info["mamba_layers"], info.get("ssm_state_bytes")) == ((len(mamba), want) if mamba else (0, None))
+    assert info["attention_layers"] == info["num_hidden_layers"] - len(mamba)
+    # A token uses every parameter but those of the experts its router does not select.
+    config = json.loads((FIXTURES / case / "config.json").read_text())
+    experts = [w for name, w in weights.items() if name.endswith(("input_linear.weight", "output_linear.weight"))
+               and "block_sparse_moe" in name]
+    if experts:
+        count, per_token = config["num_local_experts"], config["num_experts_per_tok"]
+        assert (info["num_local_experts"], info["num_experts_per_tok"]) == (count, per_token)
+        idle = sum(w.size for w in experts) * (count - per_token) // count
+    else:
+        assert "num_local_experts" not in info
+        idle = 0
+    assert info["active_parameters"] == info["parameters"] - idle
 
 @pytest.fixture(scope="module", params=["hybrid_moe", "hybrid_mamba"])
 def mamba(request) -> Generator:

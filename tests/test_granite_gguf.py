@@ -30,3 +30,8 @@ def test_gguf_matches_transformers_and_the_hf_directory(case):
     assert (g.vocab_size, g.eos_token_ids) == (hf.vocab_size, hf.eos_token_ids)
     # For a hybrid with NoPE attention llama.cpp's converter writes a context of 2^20.
     assert g.context_length == (2**20 if case == "hybrid_moe" else hf.context_length)
+    same = ["parameters", "active_parameters", "attention_layers", "mamba_layers", "num_local_experts",
+            "num_experts_per_tok", "ssm_state_bytes"]
+    # hybrid_dense is written as a dense `granite` file, whose MLP is the shared MLP.
+    same += ["shared_intermediate_size"] if case != "hybrid_dense" else []
+    assert {k: g.model_info.get(k) for k in same} == {k: hf.model_info.get(k) for k in same}

@@ -268,10 +268,13 @@ class Generator(_Generates):
         """What the model's files say, the keys that are known of: ``format`` ("HF model directory"
         or "GGUF file"), ``architecture``, ``model_type``, ``name``, ``num_hidden_layers``,
         ``hidden_size``, ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``,
-        ``torch_dtype`` (the stored dtype, or a GGUF's file type such as "Q4_1"), ``parameters``
+        ``torch_dtype`` (the stored dtype, or a GGUF's file type such as "Q4_1"), ``parameters``,
+        ``active_parameters`` (those one token uses: all but the experts its router does not
+        select), ``attention_layers`` and ``mamba_layers`` (the mixers), with experts
+        ``num_local_experts`` and ``num_experts_per_tok``, beside them ``shared_intermediate_size``,
         and ``trained_context_length``; and the KV cache pool: ``kv_cache_bytes``,
         ``kv_cache_positions`` (all sequences together), ``kv_cache_free_positions`` (now) and
-        ``kv_block_positions``; with Mamba2 layers, ``mamba_layers``, ``ssm_state_bytes`` (one
+        ``kv_block_positions``; with Mamba2 layers, ``ssm_state_bytes`` (one
         sequence's state, outside ``kv_cache_bytes``) and ``ssm_checkpoints`` (the copies of it
         each sequence keeps at most, besides the state itself)."""
 

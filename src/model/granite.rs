@@ -120,6 +120,16 @@ impl Granite {
         matrices + per_layer + self.norm.elem_count() + self.lm_head.bias_len()
     }
 
+    /// Parameters one token's forward uses: all but the experts its router does not select.
+    pub fn active_parameter_count(&self) -> usize {
+        self.parameter_count() - self.layers.iter().map(DecoderLayer::idle_parameters).sum::<usize>()
+    }
+
+    /// How many layers mix with attention (the others with Mamba2).
+    pub fn attention_layers(&self) -> usize {
+        self.layers.len() - self.ssm_shape.map_or(0, |s| s.layers)
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

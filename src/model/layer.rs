@@ -88,6 +88,14 @@ impl FeedForward {
         }
     }
 
+    /// Parameters one token does not use: the experts its router does not select.
+    fn idle_parameters(&self) -> usize {
+        match self {
+            Self::Mlp(_) => 0,
+            Self::Moe { experts, .. } => experts.idle_parameters(),
+        }
+    }
+
     fn projections(&self) -> Box<dyn Iterator<Item = &Linear> + '_> {
         match self {
             Self::Mlp(m) => Box::new(m.projections().into_iter()),
@@ -121,6 +129,11 @@ impl DecoderLayer {
     /// Every projection of the layer.
     pub(crate) fn projections(&self) -> impl Iterator<Item = &Linear> {
         self.mixer.projections().into_iter().chain(self.feed_forward.projections())
+    }
+
+    /// Parameters one token does not use (unselected experts).
+    pub(crate) fn idle_parameters(&self) -> usize {
+        self.feed_forward.idle_parameters()
     }
 
     /// Parameters outside the projections' matrices: biases and norms.

@@ -75,6 +75,12 @@ impl Linear {
         &self.parts
     }
 
+    /// Elements of the matrices and the bias.
+    pub fn parameter_count(&self) -> usize {
+        let matrices: usize = self.parts.iter().filter_map(|w| w.dims2().ok()).map(|(n, k)| n * k).sum();
+        matrices + self.bias_len()
+    }
+
     /// Elements of the bias, if any.
     pub fn bias_len(&self) -> usize {
         self.bias.as_ref().map_or(0, Tensor::elem_count)

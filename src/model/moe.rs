@@ -49,6 +49,12 @@ impl Moe {
         std::iter::once(&self.router).chain(self.experts.iter().flat_map(Mlp::projections))
     }
 
+    /// Parameters of the experts one token does not use: all but `per_token` of them.
+    pub(crate) fn idle_parameters(&self) -> usize {
+        let expert = |m: &Mlp| m.projections().iter().map(|l| l.parameter_count()).sum::<usize>();
+        self.experts.first().map_or(0, expert) * (self.experts.len() - self.per_token)
+    }
+
     /// x: (1, T, hidden), the rows of the spans in `packed` -> (1, T, hidden).
     pub(crate) fn forward(&self, x: &Tensor, packed: &PackedRows) -> Result<Tensor> {
         let xs = x.squeeze(0)?;

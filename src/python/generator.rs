@@ -12,7 +12,7 @@ use pyo3::IntoPyObjectExt;
 
 use super::params::{generate_params, generate_params_rows};
 use super::run::{lock, watched, GenerationResult, Running, TextStream};
-use crate::config::{dtype_name, parse_dtype};
+use crate::config::{dtype_name, parse_dtype, Family};
 use crate::error::{Error, Result};
 use crate::generation::model;
 use crate::generation::params::GenerateParams;
@@ -301,17 +301,29 @@ impl Generator {
         d.set_item("intermediate_size", c.intermediate_size)?;
         d.set_item("num_attention_heads", c.num_attention_heads)?;
         d.set_item("num_key_value_heads", c.num_kv_heads())?;
-        d.set_item("parameters", self.inner.model().parameter_count())?;
+        let model = self.inner.model();
+        d.set_item("parameters", model.parameter_count())?;
+        d.set_item("active_parameters", model.active_parameter_count())?;
+        d.set_item("attention_layers", model.attention_layers())?;
+        d.set_item("mamba_layers", c.num_hidden_layers - model.attention_layers())?;
+        if let Some(e) = c.experts()? {
+            d.set_item("num_local_experts", e.count)?;
+            d.set_item("num_experts_per_tok", e.per_token)?;
+        }
+        if c.family()? != Family::Dense {
+            if let Some(size) = c.shared_mlp_size()? {
+                d.set_item("shared_intermediate_size", size)?;
+            }
+        }
         if let Some(n) = info.trained_context_length {
             d.set_item("trained_context_length", n)?;
         }
-        let pool = self.inner.model().kv_pool();
+        let pool = model.kv_pool();
         d.set_item("kv_cache_bytes", pool.bytes())?;
         d.set_item("kv_cache_positions", pool.capacity())?;
         d.set_item("kv_cache_free_positions", pool.free_positions())?;
         d.set_item("kv_block_positions", crate::model::kv_pool::BLOCK_TOKENS)?;
-        if let Some(shape) = self.inner.model().ssm_shape() {
-            d.set_item("mamba_layers", shape.layers)?;
+        if let Some(shape) = model.ssm_shape() {
             d.set_item("ssm_state_bytes", shape.bytes())?;
             d.set_item("ssm_checkpoints", crate::model::ssm_state::CHECKPOINTS)?;
         }

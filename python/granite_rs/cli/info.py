@@ -13,7 +13,7 @@ from .common import FORMATTER, USER_ERRORS, add_model_options, current_rss_bytes
 
 EPILOG = """\
 Shows what the engine read from the model's files (format, architecture, shape, stored dtype,
-parameter count) and what the loaded engine reports (vocab size, context length, eos ids, device,
+parameter count, the parameters one token uses, the attention and Mamba2 layers, the experts) and what the loaded engine reports (vocab size, context length, eos ids, device,
 dtype, chat template), with the load time and the process's memory after loading.
 
 examples:
@@ -67,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     labels = [
         ("model", "model"), ("format", "format"), ("name", "name"), ("architecture", "architecture"),
-        ("model_type", "model type"), ("parameters", "parameters"), ("num_hidden_layers", "layers"),
+        ("model_type", "model type"), ("parameters", "parameters"),
+        ("active_parameters", "active parameters"), ("num_hidden_layers", "layers"),
         ("hidden_size", "hidden size"), ("intermediate_size", "intermediate size"),
+        ("num_local_experts", "experts"), ("shared_intermediate_size", "shared MLP size"),
         ("num_attention_heads", "attention heads"), ("num_key_value_heads", "key/value heads"),
         ("torch_dtype", "stored dtype"), ("trained_context_length", "trained context"),
         ("vocab_size", "vocab size"), ("context_length", "context length"), ("eos_token_ids", "eos token ids"),
@@ -81,8 +83,12 @@ def run(args: argparse.Namespace) -> int:
         if key not in info:
             continue
         value = info[key]
-        if key == "parameters":
+        if key == "parameters" or key == "active_parameters":
             value = _count(value)
+        elif key == "num_hidden_layers":
+            value = f"{value} ({info['attention_layers']} attention, {info['mamba_layers']} Mamba2)"
+        elif key == "num_local_experts":
+            value = f"{value}, {info['num_experts_per_tok']} per token"
         elif key == "load_s":
             value = f"{value:.2f} s"
         elif key == "rss_after_load_bytes":
