@@ -277,3 +277,33 @@ fn packed_rows_equal_each_span_alone() {
         }
     }
 }
+
+/// Several projections on their own rows in one parallel loop give, bit for bit, what each
+/// gives alone as decode.
+#[test]
+fn forward_each_equals_each_forward() {
+    let (k, _, cases) = linear_cases();
+    for (name, a, b, _) in cases {
+        let linear = |parts: Vec<&Weight>| {
+            Linear::stack(parts.into_iter().map(|w| Linear::new(w.clone(), None, Precision::Exact)).collect()).unwrap()
+        };
+        let linears = [linear(vec![&a]), linear(vec![&b, &a]), linear(vec![&b])];
+        let xs: Vec<Vec<f32>> = [1, 3, 8]
+            .iter()
+            .enumerate()
+            .map(|(i, &rows)| random((rows, k), 20 + i as u64).flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let refs: Vec<&Linear> = linears.iter().collect();
+        let slices: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+        let readable = [&a, &b].iter().all(|w| w.stored_type().is_none_or(gemv_reads));
+        let Some(each) = Linear::forward_each(&refs, &slices).unwrap() else {
+            assert!(!readable, "{name}: gemv reads these weights");
+            continue;
+        };
+        for ((l, x), got) in linears.iter().zip(&xs).zip(each) {
+            let x = Tensor::from_vec(x.clone(), (1, x.len() / k, k), &Device::Cpu).unwrap();
+            let alone = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got, alone, "{name}");
+        }
+    }
+}

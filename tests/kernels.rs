@@ -422,7 +422,7 @@ fn mamba_scan() -> Result<()> {
         let run = |from: usize, to: usize, state: &mut Vec<f32>| -> Vec<f32> {
             let mut y = vec![0f32; (to - from) * inner];
             let (xbc, dt) = (&flat[from * stride..to * stride], &flat[from * stride + dt_at..to * stride]);
-            ssm.scan(xbc, stride, dt, stride, state, &mut y, None);
+            ssm.scan(xbc, stride, dt, stride, None, state, &mut y, None);
             y
         };
         let mut state = h0.flatten_all()?.to_vec1::<f32>()?;
@@ -461,6 +461,16 @@ fn mamba_scan() -> Result<()> {
         let mut pieces = run(0, cut, &mut state);
         pieces.extend(run(cut, t, &mut state));
         assert_eq!(pieces, whole, "case {case}: pieces");
+
+        // Continued from a state elsewhere, into a buffer of other values: the same bits.
+        let mut continued = h0.flatten_all()?.to_vec1::<f32>()?;
+        let first = run(0, cut, &mut continued);
+        let mut buffer = vec![f32::NAN; continued.len()];
+        let mut y = vec![0f32; (t - cut) * inner];
+        let (xbc, dt) = (&flat[cut * stride..], &flat[cut * stride + dt_at..]);
+        ssm.scan(xbc, stride, dt, stride, Some(&continued), &mut buffer, &mut y, None);
+        assert_eq!([first, y].concat(), whole, "case {case}: from another buffer");
+        assert_eq!(buffer, state, "case {case}: the state written from another buffer");
     }
     Ok(())
 }

@@ -115,6 +115,34 @@ impl Linear {
         self.with_bias(y)
     }
 
+    /// Each projection (without bias) on its own f32 rows, as decode, all in one parallel loop:
+    /// for each, what `forward` gives f32 rows of a span of at most `GEMV_MAX_ROWS`. None where
+    /// `gemv` does not read every weight.
+    pub fn forward_each(linears: &[&Linear], xs: &[&[f32]]) -> Result<Option<Vec<Vec<f32>>>> {
+        let weights: Vec<Weight> = linears.iter().flat_map(|l| l.parts.iter().cloned()).collect();
+        let Some(k) = weights.first().map(Weight::dims2).transpose()?.map(|(_, k)| k) else { return Ok(Some(vec![])) };
+        let readable = weights.iter().all(|w| w.stored_type().is_none_or(cpu::gemv_reads));
+        if !readable || !k.is_multiple_of(cpu::GROUP) || linears.iter().any(|l| l.bias.is_some()) {
+            return Ok(None);
+        }
+        let widths = linears
+            .iter()
+            .map(|l| l.parts.iter().map(|w| Ok(w.dims2()?.0)).sum::<Result<usize>>())
+            .collect::<Result<Vec<_>>>()?;
+        with_all_rows(&weights, Vec::new(), |parts| {
+            let mut outs: Vec<Vec<f32>> = xs.iter().zip(&widths).map(|(x, n)| vec![0f32; x.len() / k * n]).collect();
+            let mut products = Vec::with_capacity(linears.len());
+            let mut first = 0;
+            for ((l, x), out) in linears.iter().zip(xs).zip(&mut outs) {
+                products.push((&parts[first..first + l.parts.len()], *x, out.as_mut_slice()));
+                first += l.parts.len();
+            }
+            cpu::gemv_each(&mut products, k).map_err(Error::invalid)?;
+            Ok(outs)
+        })
+        .transpose()
+    }
+
     fn with_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -155,6 +183,11 @@ impl PackedRows {
             back[*r as usize] = i as u32;
         }
         Self { few, many, few_spans, many_spans, back, lens }
+    }
+
+    /// Whether every span runs as decode.
+    pub fn all_decode(&self) -> bool {
+        self.many.is_empty()
     }
 
     /// Every span's row count, in order.

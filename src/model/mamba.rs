@@ -107,19 +107,25 @@ impl Mamba {
         for span in spans.iter_mut() {
             let rows = &mut projected[span.offset * width..(span.offset + span.len) * width];
             let ys = &mut y[span.offset * inner..(span.offset + span.len) * inner];
-            let states = span.cache.as_deref_mut().and_then(|c| c.ssm_mut());
-            let mut state = match &states {
-                Some(states) => states.layer(self.index).clone(),
-                None => LayerState::zeros(shape),
-            };
+            let mut states = span.cache.as_deref_mut().and_then(|c| c.ssm_mut());
             // A prompt continuing a kept state also leaves the state before its last token.
             let mut before = (states.is_some() && span.len > 1).then(|| LayerState::zeros(shape));
+            // The state continued (None: zeros, already in `state`) and where the next one goes.
+            let (from, mut state) = match &mut states {
+                Some(states) => {
+                    let (from, mut buffer) = states.with_buffer(self.index);
+                    buffer.window.copy_from_slice(&from.window);
+                    (Some(from), buffer)
+                }
+                None => (None, LayerState::zeros(shape)),
+            };
             // [z | xBC | dt]: the convolution runs on xBC in place.
             let window_before = before.as_mut().map(|b| &mut b.window[..]);
             self.conv().forward(rows, width, inner, &mut state.window, window_before);
             let (xbc, dt) = (&rows[inner..], &rows[inner + channels..]);
             let ssm_before = before.as_mut().map(|b| &mut b.ssm[..]);
-            self.ssm(span.len).scan(xbc, width, dt, width, &mut state.ssm, ys, ssm_before);
+            let from = from.map(|f| &f.ssm[..]);
+            self.ssm(span.len).scan(xbc, width, dt, width, from, &mut state.ssm, ys, ssm_before);
             gated_rms_norm(ys, rows, width, &self.norm, s.groups, self.eps);
             if let Some(states) = states {
                 states.set_pending(self.index, state, before);

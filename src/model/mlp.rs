@@ -53,6 +53,10 @@ impl Mlp {
         Self { gate_up_proj, down_proj, act }
     }
 
+    pub(crate) fn activation(&self) -> Activation {
+        self.act
+    }
+
     pub(crate) fn projections(&self) -> [&Linear; 2] {
         [&self.gate_up_proj, &self.down_proj]
     }

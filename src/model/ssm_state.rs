@@ -36,7 +36,6 @@ impl LayerState {
 /// Checkpoints kept per sequence, the most recent ones.
 pub const CHECKPOINTS: usize = 4;
 
-#[derive(Clone)]
 pub struct SsmStates {
     shape: StateShape,
     /// Each layer's state after every filled position.
@@ -44,14 +43,31 @@ pub struct SsmStates {
     /// Written by the forward in progress, per layer: the state after its last token and, for a
     /// forward of several tokens, after all but the last.
     pending: Vec<Option<(LayerState, Option<LayerState>)>>,
+    /// Per layer, the buffers of the state a commit replaced, which the next forward writes
+    /// into (a state is megabytes: allocating it every token costs page faults).
+    spare: Vec<Option<LayerState>>,
     /// (length, every layer's state after that many positions), oldest first.
     checkpoints: Vec<(usize, Vec<LayerState>)>,
+}
+
+/// A copy has the states and checkpoints, not the spare buffers.
+impl Clone for SsmStates {
+    fn clone(&self) -> Self {
+        Self {
+            shape: self.shape,
+            layers: self.layers.clone(),
+            pending: self.pending.clone(),
+            spare: vec![None; self.shape.layers],
+            checkpoints: self.checkpoints.clone(),
+        }
+    }
 }
 
 impl SsmStates {
     pub fn new(shape: StateShape) -> Self {
         let layers = vec![LayerState::zeros(shape); shape.layers];
-        Self { shape, layers, pending: vec![None; shape.layers], checkpoints: Vec::new() }
+        let (pending, spare) = (vec![None; shape.layers], vec![None; shape.layers]);
+        Self { shape, layers, pending, spare, checkpoints: Vec::new() }
     }
 
     pub fn shape(&self) -> StateShape {
@@ -61,6 +77,13 @@ impl SsmStates {
     /// Layer `layer`'s state after the filled positions.
     pub fn layer(&self, layer: usize) -> &LayerState {
         &self.layers[layer]
+    }
+
+    /// `layer`'s state, and a buffer for a forward to write the next one into: a spare one (of
+    /// the state an earlier commit replaced) where there is one.
+    pub fn with_buffer(&mut self, layer: usize) -> (&LayerState, LayerState) {
+        let buffer = self.spare[layer].take().unwrap_or_else(|| LayerState::zeros(self.shape));
+        (&self.layers[layer], buffer)
     }
 
     /// What the forward in progress leaves in `layer`; kept once it ends (`commit`).
@@ -77,8 +100,8 @@ impl SsmStates {
         let pending: Option<Vec<_>> = self.pending.iter_mut().map(Option::take).collect();
         let Some(pending) = pending else { return };
         let mut before = Vec::new();
-        for (layer, (last, before_last)) in self.layers.iter_mut().zip(pending) {
-            *layer = last;
+        for ((layer, spare), (last, before_last)) in self.layers.iter_mut().zip(&mut self.spare).zip(pending) {
+            *spare = Some(std::mem::replace(layer, last));
             before.extend(before_last);
         }
         if t > 1 && before.len() == self.layers.len() {

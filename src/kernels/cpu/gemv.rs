@@ -178,12 +178,31 @@ pub fn reads(t: GgmlDType) -> bool {
 /// k must be a multiple of 32 and every slice must have its exact size; otherwise nothing is
 /// computed and the error says why.
 pub fn gemv(parts: &[Part], k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
+    split(&jobs(parts, k, x, out)?);
+    Ok(())
+}
+
+/// Several independent `gemv` products, each (parts, x, out), in one parallel loop: a mixture of
+/// experts' selected experts, each with its own rows. Each product gets what `gemv` gives it.
+pub fn gemv_each<'a>(products: &mut [(&[Part<'a>], &'a [f32], &mut [f32])], k: usize) -> Result<(), String> {
+    let mut all = Vec::new();
+    for (parts, x, out) in products.iter_mut() {
+        all.extend(jobs(parts, k, x, out)?);
+    }
+    split(&all);
+    Ok(())
+}
+
+/// The jobs of one product out (m, Σn) = x (m, k) · [w₁; w₂; ...]ᵀ, after checking its shapes.
+fn jobs<'a>(parts: &[Part<'a>], k: usize, x: &'a [f32], out: &mut [f32]) -> Result<Vec<Job<'a>>, String> {
     let stride = checked(parts, k, x, out)?;
-    if let Some((Rows::Other(t, _), _)) = parts.iter().find(|(w, _)| matches!(w, Rows::Other(t, _) if !int8::decodes(*t))) {
+    if let Some((Rows::Other(t, _), _)) =
+        parts.iter().find(|(w, _)| matches!(w, Rows::Other(t, _) if !int8::decodes(*t)))
+    {
         return Err(format!("gemv does not read {t:?} blocks on this CPU"));
     }
     let mut out = Out(out.as_mut_ptr());
-    let jobs: Vec<Job> = parts
+    Ok(parts
         .iter()
         .map(|&(w, rows)| {
             let b = w.bytes();
@@ -200,9 +219,7 @@ pub fn gemv(parts: &[Part], k: usize, x: &[f32], out: &mut [f32]) -> Result<(), 
             out = Out(unsafe { out.ptr().add(rows) });
             Job { rows, row_bytes: w.row_bytes(k), work }
         })
-        .collect();
-    split(&jobs);
-    Ok(())
+        .collect())
 }
 
 #[cfg(test)]
@@ -223,7 +240,8 @@ mod tests {
                 let a = Activations::new(&x, B::CENTER);
                 let portable = dot_scalar::<B>(&row, &a, 0);
                 // SAFETY: checked just before.
-                let fast = loads::available().then(|| unsafe { decode::dots::<B, 1, true>(row.as_ptr(), groups, &a, [0])[0] });
+                let fast =
+                    loads::available().then(|| unsafe { decode::dots::<B, 1, true>(row.as_ptr(), groups, &a, [0])[0] });
                 if let Some(fast) = fast {
                     let err = (portable - fast).abs() / portable.abs().max(1.0);
                     assert!(err < 1e-5, "{name}, {groups} blocks: portable {portable}, avx2 {fast}");

@@ -93,8 +93,9 @@ impl Ssm<'_> {
     /// One sequence's t tokens. Per token, head h (of group g), with Δ = softplus(dt + dt_bias):
     /// s = exp(Δ·a)·s + (Δ·B_g)·x_h, y_h = s·C_g + d·x_h. `xbc` rows (`stride` apart) hold x
     /// (heads · head_dim), B and C (groups · state each); `dt` rows (`dt_stride` apart) one value
-    /// per head. `state` is updated; `y` (t, heads · head_dim) written; `before_last`, if given,
-    /// gets the state after t - 1 tokens.
+    /// per head. `state` is updated, or with `from`, written from the state `from` (each head
+    /// copied where it is used, rather than the whole state first); `y` (t, heads · head_dim)
+    /// written; `before_last`, if given, gets the state after t - 1 tokens.
     #[allow(clippy::too_many_arguments)]
     pub fn scan(
         &self,
@@ -102,6 +103,7 @@ impl Ssm<'_> {
         stride: usize,
         dt: &[f32],
         dt_stride: usize,
+        from: Option<&[f32]>,
         state: &mut [f32],
         y: &mut [f32],
         mut before_last: Option<&mut [f32]>,
@@ -116,6 +118,9 @@ impl Ssm<'_> {
             .par_chunks_mut(head_state)
             .enumerate()
             .map(|(h, s)| {
+                if let Some(from) = from {
+                    s.copy_from_slice(&from[h * head_state..][..head_state]);
+                }
                 let g = h / per_group;
                 let mut out = vec![0f32; t * hd];
                 let mut db = vec![0f32; n];

@@ -20,7 +20,7 @@ pub(crate) fn silu(g: f32) -> f32 {
 
 vectorized! {
     /// out = silu(gate) * up.
-    fn swiglu_row<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
+    pub(crate) fn swiglu_row<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
         for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
             *o = T::of(silu(g.f32()) * u.f32());
         }
