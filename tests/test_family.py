@@ -47,6 +47,22 @@ def test_batch_rows_equal_alone(gen):
     assert gen.generate_batch(texts, seed=seeds, **kw) == alone
 
 
+@pytest.mark.parametrize("quantize", ["q8_0", "q4_0", "q4_k"])
+def test_quantized_experts_rows_equal_alone(quantize):
+    """Q8_0 and Q4_0 experts run a prompt's rows routed to each as decode (up to 128 of them);
+    the k-quants as a prompt. Either way a row gets what it gets alone, and near the f32 model."""
+    g = Generator(FIXTURES / "hybrid_moe", quantize=quantize)
+    ref = load_file(FIXTURES / "hybrid_moe" / "reference.safetensors")
+    ids = [int(i) for i in ref["input_ids"]]
+    logits = g.logits(ids)
+    assert abs(logits - ref["logits"]).max() <= 0.1 * abs(ref["logits"]).max()
+    prompts = [ids, PROMPT * 6, PROMPT[:3], ids[:20]]
+    kw = dict(max_new_tokens=6, ignore_eos=True, do_sample=True, temperature=0.8)
+    texts = [g.decode(p, skip_special_tokens=False) for p in prompts]
+    alone = [g.generate(t, seed=i, **kw) for i, t in enumerate(texts)]
+    assert g.generate_batch(texts, seed=list(range(len(texts))), **kw) == alone
+
+
 def test_a_session_follow_up_equals_a_fresh_run(gen):
     s = gen.session()
     answer = s.generate_ids(PROMPT, **GREEDY)

@@ -12,7 +12,7 @@ use crate::loading::safetensors::Weights;
 use crate::loading::weight::Weight;
 
 /// A span of up to this many rows runs as decode (`gemv`); a longer one as a prompt (a matmul).
-const GEMV_MAX_ROWS: usize = 8;
+pub(crate) const GEMV_MAX_ROWS: usize = 8;
 
 /// Runs `f` on the rows of every weight, with the rows of `held` first, when `gemv` reads them all.
 fn with_all_rows<R>(weights: &[Weight], held: Vec<Part<'_>>, f: impl FnOnce(&[Part]) -> R) -> Option<R> {
@@ -168,12 +168,17 @@ pub struct PackedRows {
 impl PackedRows {
     /// The rows of spans of these lengths, one after another.
     pub fn new(lens: impl IntoIterator<Item = usize>) -> Self {
+        Self::with_decode_rows(lens, GEMV_MAX_ROWS)
+    }
+
+    /// As `new`, with spans of up to `decode_rows` rows computed as decode.
+    pub fn with_decode_rows(lens: impl IntoIterator<Item = usize>, decode_rows: usize) -> Self {
         let (mut few, mut many, mut few_spans, mut many_spans) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let lens: Vec<usize> = lens.into_iter().collect();
         let mut row = 0u32;
         for &len in &lens {
             let (group, spans) =
-                if len <= GEMV_MAX_ROWS { (&mut few, &mut few_spans) } else { (&mut many, &mut many_spans) };
+                if len <= decode_rows { (&mut few, &mut few_spans) } else { (&mut many, &mut many_spans) };
             group.extend(row..row + len as u32);
             spans.push(len);
             row += len as u32;

@@ -4,20 +4,32 @@
 //! experts' matrices; the tokens routed to one expert go through it together, each span's as its
 //! own span, so that a span gets what it gets alone.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 
 use crate::config::{Activation, Experts, GraniteConfig};
 use crate::error::Result;
 use crate::kernels::cpu::swiglu::swiglu_row;
+use crate::kernels::cpu::Precision;
 use crate::loading::safetensors::Weights;
-use crate::model::linear::{Linear, PackedRows};
+use crate::model::linear::{Linear, PackedRows, GEMV_MAX_ROWS};
 use crate::model::mlp::Mlp;
+
+/// With weights in these formats, an expert's share of a span of up to `EXPERT_DECODE_ROWS` rows
+/// runs as decode (`gemv`: integer products, each weight read once for all the rows), not as a
+/// prompt, whose product first converts the expert's small matrices for as few as 9 rows.
+/// Measured on an h-tiny-shaped model, 2 Zen 4 threads: Q8_0 prefill of 512 tokens 34 -> 52
+/// tok/s, of 2048 even; with Q4_K_M (VNNI) 52 -> 47, so the k-quants keep the usual threshold.
+const INTEGER_BLOCKS: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+const EXPERT_DECODE_ROWS: usize = 128;
 
 pub(crate) struct Moe {
     /// (experts, hidden): one logit per expert.
     router: Linear,
     experts: Vec<Mlp>,
     per_token: usize,
+    /// A span's rows routed to one expert run as decode up to this many.
+    decode_rows: usize,
 }
 
 impl Moe {
@@ -38,10 +50,20 @@ impl Moe {
         };
         let down = stack("output_linear", [hidden, inter])?;
         let act = cfg.activation()?;
+        let experts: Vec<Mlp> =
+            gate_up.into_iter().zip(down).map(|(gu, d)| Mlp::from_parts(gu, linear(d), act)).collect();
+        let integer = experts
+            .iter()
+            .flat_map(Mlp::projections)
+            .flat_map(Linear::weights)
+            .all(|w| w.stored_type().is_some_and(|t| INTEGER_BLOCKS.contains(&t)));
+        // matmul_precision="int8" asks for its own prompt products.
+        let decode_rows = if integer && w.precision() != Precision::Int8 { EXPERT_DECODE_ROWS } else { GEMV_MAX_ROWS };
         Ok(Self {
             router: Linear::load(w, &format!("{prefix}.router.layer"), e.count, hidden, false)?,
-            experts: gate_up.into_iter().zip(down).map(|(gu, d)| Mlp::from_parts(gu, linear(d), act)).collect(),
+            experts,
             per_token: e.per_token,
+            decode_rows,
         })
     }
 
@@ -84,7 +106,7 @@ impl Moe {
             let index = Tensor::new(r.rows.as_slice(), x.device())?;
             // The weights in the activations' dtype, as transformers rounds them (`type_as`).
             let weights = Tensor::new(r.weights.as_slice(), x.device())?.to_dtype(x.dtype())?.unsqueeze(1)?;
-            let spans = PackedRows::new(r.spans.iter().map(|s| s.1));
+            let spans = PackedRows::with_decode_rows(r.spans.iter().map(|s| s.1), self.decode_rows);
             let y = expert.forward(&xs.index_select(&index, 0)?.unsqueeze(0)?, &spans)?.squeeze(0)?;
             ys.push(y.broadcast_mul(&weights)?);
             rows.extend_from_slice(&r.rows);
