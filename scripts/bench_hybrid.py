@@ -15,13 +15,12 @@ bandwidth (numpy, one large array).
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import bench_compare
-from bench_2b import bf16, write_bf16_safetensors
+from bench_family import write_checkpoint as write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, LAYERS, HEADS, KV_HEADS, SHARED, VOCAB = 2048, 40, 32, 8, 8192, 49152
@@ -31,47 +30,7 @@ MULTIPLIERS = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "atten
                "logits_scaling": 8.0}
 
 
-def tensors(hybrid: bool):
-    """(HF name, bf16 bits as uint16) of every tensor, generated one at a time."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    kv = HIDDEN // HEADS * KV_HEADS
-    inner = MAMBA_HEADS * MAMBA_HEAD_DIM
-    channels = inner + 2 * STATE
-
-    def matrix(*shape):
-        return bf16(rng.standard_normal(shape, dtype=np.float32) * 0.02)
-
-    yield "model.embed_tokens.weight", matrix(VOCAB, HIDDEN)
-    yield "model.norm.weight", bf16(np.ones(HIDDEN))
-    for i in range(LAYERS):
-        p = f"model.layers.{i}"
-        yield f"{p}.input_layernorm.weight", bf16(np.ones(HIDDEN))
-        yield f"{p}.post_attention_layernorm.weight", bf16(np.ones(HIDDEN))
-        if not hybrid or i in ATTENTION_LAYERS:
-            yield f"{p}.self_attn.q_proj.weight", matrix(HIDDEN, HIDDEN)
-            yield f"{p}.self_attn.k_proj.weight", matrix(kv, HIDDEN)
-            yield f"{p}.self_attn.v_proj.weight", matrix(kv, HIDDEN)
-            yield f"{p}.self_attn.o_proj.weight", matrix(HIDDEN, HIDDEN)
-        else:
-            m = f"{p}.mamba"
-            yield f"{m}.in_proj.weight", matrix(inner + channels + MAMBA_HEADS, HIDDEN)
-            yield f"{m}.conv1d.weight", matrix(channels, 1, CONV)
-            yield f"{m}.conv1d.bias", bf16(np.zeros(channels))
-            yield f"{m}.A_log", bf16(np.log(np.arange(1, MAMBA_HEADS + 1)))
-            yield f"{m}.D", bf16(np.ones(MAMBA_HEADS))
-            yield f"{m}.dt_bias", bf16(np.ones(MAMBA_HEADS))
-            yield f"{m}.norm.weight", bf16(np.ones(inner))
-            yield f"{m}.out_proj.weight", matrix(HIDDEN, inner)
-        yield f"{p}.shared_mlp.input_linear.weight", matrix(2 * SHARED, HIDDEN)
-        yield f"{p}.shared_mlp.output_linear.weight", matrix(HIDDEN, SHARED)
-
-
 def write_checkpoint(out: Path, hybrid: bool, tokenizer_dir: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        (out / name).write_bytes((tokenizer_dir / name).read_bytes())
     types = ["attention" if not hybrid or i in ATTENTION_LAYERS else "mamba" for i in range(LAYERS)]
     config = {
         "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid", "hidden_size": HIDDEN,
@@ -84,8 +43,7 @@ def write_checkpoint(out: Path, hybrid: bool, tokenizer_dir: Path) -> None:
         "mamba_expand": 2, "mamba_chunk_size": 256, "mamba_conv_bias": True, "mamba_proj_bias": False,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "bfloat16", **MULTIPLIERS,
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_bf16_safetensors(out / "model.safetensors", tensors(hybrid))
+    write_random_checkpoint(out, config, tokenizer_dir)
 
 
 def bandwidth() -> float:
@@ -116,7 +74,7 @@ def main() -> None:
     models = {}
     for kind in ("hybrid", "attention"):
         path = work / kind
-        if not (path / "model.safetensors").exists():
+        if not (path / "model.safetensors.index.json").exists():
             print(f"writing {path}", file=sys.stderr)
             write_checkpoint(path, kind == "hybrid", Path(smol["hf"]))
         models[kind] = granite_rs.Generator(path, num_threads=args.threads)

@@ -81,7 +81,8 @@ def write_f32_gguf(dst: Path, tokenizer_from: Path) -> None:
     writer.close()
 
 
-def quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
+def quantize(src: Path, dst: Path, ftype: int, threads: int, requantize: bool = False) -> None:
+    """llama.cpp's `llama_model_quantize`; `requantize` lets it start from a quantized file."""
     import ctypes
 
     import llama_cpp
@@ -89,6 +90,7 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
+    params.allow_requantize = requantize
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
         sys.exit(f"llama.cpp could not quantize {src} to {dst.name}")
 
