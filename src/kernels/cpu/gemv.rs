@@ -239,9 +239,10 @@ mod tests {
                 let x: Vec<f32> = (0..groups * GROUP).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0).collect();
                 let a = Activations::new(&x, B::CENTER);
                 let portable = dot_scalar::<B>(&row, &a, 0);
-                // SAFETY: checked just before.
-                let fast =
-                    loads::available().then(|| unsafe { decode::dots::<B, 1, true>(row.as_ptr(), groups, &a, [0])[0] });
+                let fast = loads::available().then(|| {
+                    // SAFETY: checked just before.
+                    unsafe { decode::dots::<B, 1, true>(row.as_ptr(), groups, &a, [0])[0] }
+                });
                 if let Some(fast) = fast {
                     let err = (portable - fast).abs() / portable.abs().max(1.0);
                     assert!(err < 1e-5, "{name}, {groups} blocks: portable {portable}, avx2 {fast}");
