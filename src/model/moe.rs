@@ -115,9 +115,7 @@ impl Moe {
         let index = Tensor::new(rows.as_slice(), x.device())?;
         Ok(xs.zeros_like()?.index_add(&index, &Tensor::cat(&ys, 0)?, 0)?.unsqueeze(0)?)
     }
-}
 
-impl Moe {
     /// Decode rows on the CPU (xs: (T, hidden) f32): the selected experts' gate/up products in one
     /// parallel loop, then their down products in another, instead of one product at a time. The
     /// same arithmetic as the expert by expert path, so a row gets the same bits either way. None

@@ -305,7 +305,7 @@ impl Generator {
         d.set_item("parameters", model.parameter_count())?;
         d.set_item("active_parameters", model.active_parameter_count())?;
         d.set_item("attention_layers", model.attention_layers())?;
-        d.set_item("mamba_layers", c.num_hidden_layers - model.attention_layers())?;
+        d.set_item("mamba_layers", model.ssm_shape().map_or(0, |s| s.layers))?;
         if let Some(e) = c.experts()? {
             d.set_item("num_local_experts", e.count)?;
             d.set_item("num_experts_per_tok", e.per_token)?;

@@ -13,8 +13,9 @@ from .common import FORMATTER, USER_ERRORS, add_model_options, current_rss_bytes
 
 EPILOG = """\
 Shows what the engine read from the model's files (format, architecture, shape, stored dtype,
-parameter count, the parameters one token uses, the attention and Mamba2 layers, the experts) and what the loaded engine reports (vocab size, context length, eos ids, device,
-dtype, chat template), with the load time and the process's memory after loading.
+parameter count, the parameters one token uses, the attention and Mamba2 layers, the experts)
+and what the loaded engine reports (vocab size, context length, eos ids, device, dtype, chat
+template), with the load time and the process's memory after loading.
 
 examples:
   granite-rs info
