@@ -393,6 +393,226 @@ TOJSON_TEMPLATE = """{{ messages | tojson(indent=2) }}
 {{ 1.0 }} {{ 1e20 }} {{ 3 / 2 }} {{ 1e-7 }} {{ 7 // 2 }} {{ [1, 'a', "it's", none, true] }} {{ messages[0] }}
 """
 
+# Modelled on granite-3.3-*-instruct's template: the date left out (as above), tools under an
+# `available_tools` role, one turn per document, `thinking` and `controls` (citations, hallucinations).
+GRANITE_33_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "Knowledge Cutoff Date: April 2024.
+You are Granite, developed by IBM." %}
+    {%- if tools and documents %}
+        {%- set system_message = system_message + " You are a helpful assistant with access to the following tools. When a tool is required to answer the user's query, respond only with <|tool_call|> followed by a JSON list of tools used.
+
+Write the response to the user's input by strictly aligning with the facts in the provided documents." %}
+    {%- elif tools %}
+        {%- set system_message = system_message + " You are a helpful assistant with access to the following tools. When a tool is required to answer the user's query, respond only with <|tool_call|> followed by a JSON list of tools used." %}
+    {%- elif documents %}
+        {%- set system_message = system_message + " Write the response to the user's input by strictly aligning with the facts in the provided documents." %}
+    {%- elif thinking %}
+        {%- set system_message = system_message + " You are a helpful AI assistant.
+Respond to every user query in a comprehensive and detailed way. Write your thoughts between <think></think> and write your response between <response></response> for each user query." %}
+    {%- else %}
+        {%- set system_message = system_message + " You are a helpful AI assistant." %}
+    {%- endif %}
+    {%- if 'citations' in controls and documents %}
+        {%- set system_message = system_message + '
+
+Use the symbols <|start_of_cite|> and <|end_of_cite|> to indicate when a fact comes from a document.' %}
+    {%- endif %}
+    {%- if 'hallucinations' in controls and documents %}
+        {%- set system_message = system_message + '
+
+Finally, after the response is written, include a numbered list of sentences from the response that are potentially hallucinated.' %}
+    {%- endif %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- '<|start_of_role|>system<|end_of_role|>' + system_message + '<|end_of_text|>
+' }}
+{%- if tools %}
+    {{- '<|start_of_role|>available_tools<|end_of_role|>' }}
+    {{- tools | tojson(indent=4) }}
+    {{- '<|end_of_text|>
+' }}
+{%- endif %}
+{%- if documents %}
+    {%- for document in documents %}
+        {{- '<|start_of_role|>document {"document_id": "' + document['doc_id'] | string + '"}<|end_of_role|>
+' }}
+        {{- document['text'] }}
+        {{- '<|end_of_text|>
+' }}
+    {%- endfor %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content'] + '<|end_of_text|>
+' }}
+    {%- if loop.last and add_generation_prompt %}
+        {{- '<|start_of_role|>assistant' }}
+        {%- if controls %}
+            {{- ' ' + controls | tojson() }}
+        {%- endif %}
+        {{- '<|end_of_role|>' }}
+    {%- endif %}
+{%- endfor %}"""
+
+# Modelled on granite-4.0-*'s template: tools and documents as JSON lines inside XML tags of the
+# system turn, content as a string or a list of text parts, assistant `tool_calls` (wrapped in
+# `function` or not, arguments as an object or a JSON string), and runs of `tool` turns as one
+# user turn of <tool_response>s.
+GRANITE_40_TEMPLATE = """{%- set tools_prefix = 'You are a helpful assistant with access to the following tools. You may call one or more tools to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>' %}
+{%- set tools_suffix = '
+</tools>
+
+For each tool call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call>.' %}
+{%- set documents_prefix = 'You are a helpful assistant with access to the following documents.
+
+You are given a list of documents within <documents></documents> XML tags:
+<documents>' %}
+{%- set documents_suffix = '
+</documents>
+
+Write the response to the user\\'s input by strictly aligning with the facts in the provided documents.' %}
+{%- set ns = namespace(tools='', documents='', system='') %}
+{%- if tools %}
+    {%- set ns.tools = tools_prefix %}
+    {%- for tool in tools %}
+        {%- set ns.tools = ns.tools + '\n' + (tool | tojson) %}
+    {%- endfor %}
+    {%- set ns.tools = ns.tools + tools_suffix %}
+{%- endif %}
+{%- if documents %}
+    {%- set ns.documents = documents_prefix %}
+    {%- for document in documents %}
+        {%- set ns.documents = ns.documents + '\n' + (document | tojson) %}
+    {%- endfor %}
+    {%- set ns.documents = ns.documents + documents_suffix %}
+{%- endif %}
+{%- if messages[0].role == 'system' %}
+    {%- set ns.system = messages[0].content %}
+{%- endif %}
+{%- for part in [ns.tools, ns.documents] if part %}
+    {%- set ns.system = (ns.system + '\n\n' + part) if ns.system else part %}
+{%- endfor %}
+{{- '<|start_of_role|>system<|end_of_role|>' + (ns.system or 'You are a helpful assistant. Please ensure responses are professional, accurate, and safe.') + '<|end_of_text|>\n' }}
+{%- for message in messages %}
+    {%- set content = namespace(val='') %}
+    {%- if message.content is string %}
+        {%- set content.val = message.content %}
+    {%- elif message.content is iterable %}
+        {%- for entry in message.content if entry.type == 'text' %}
+            {%- set content.val = content.val + ('\n' if content.val else '') + entry.text %}
+        {%- endfor %}
+    {%- endif %}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+        {{- '<|start_of_role|>' + message.role + '<|end_of_role|>' + content.val + '<|end_of_text|>\n' }}
+    {%- elif message.role == 'assistant' %}
+        {{- '<|start_of_role|>assistant<|end_of_role|>' + content.val }}
+        {%- for call in message.tool_calls or [] %}
+            {%- if content.val or not loop.first %}
+                {{- '\n' }}
+            {%- endif %}
+            {%- if call.function %}
+                {%- set call = call.function %}
+            {%- endif %}
+            {{- '<tool_call>\n{"name": "' + call.name + '", "arguments": ' }}
+            {%- if call.arguments is string %}
+                {{- call.arguments }}
+            {%- else %}
+                {{- call.arguments | tojson }}
+            {%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|end_of_text|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|start_of_role|>user<|end_of_role|>' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + content.val + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|end_of_text|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_of_role|>assistant<|end_of_role|>' }}
+{%- endif %}"""
+
+# What a template receives: messages after transformers' normalization (keys set to None dropped,
+# reasoning fields aliased), keywords of any JSON type, a keyword that replaces a special token.
+VARIABLES_TEMPLATE = """{{ messages | tojson }}
+{{ tools | tojson }} {{ documents | tojson }} {{ thinking }} {{ controls | tojson }} {{ bos_token }} {{ eos_token }}
+{% for m in messages %}{{ m.role }}:{{ m.thinking }}|{{ m.reasoning_content }}|{{ 'content' in m }};{% endfor %}
+{{ extra.nested[1].x * 2 }} {{ extra.flag }} {{ extra.pi }} {{ extra.big }}
+"""
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "The city's name, e.g. « Zürich »."},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+SEARCH_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "description": "Searches the web.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string"},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 10},
+                "threshold": {"type": "number", "minimum": 0.5},
+            },
+            "required": ["query", "limit"],
+        },
+    },
+}
+TOOLS = [WEATHER_TOOL, SEARCH_TOOL]
+DOCUMENTS = [
+    {"doc_id": 1, "title": "Paris", "text": "Paris is the capital of France."},
+    {"doc_id": "b2", "title": "Lyon", "text": "Lyon — « gastronomie » 🦊\nsecond line"},
+]
+
+# A tool call and its results: arguments as an object (one wrapped in `function`, OpenAI style),
+# as a JSON string, content None, two tool results in a row.
+TOOL_CONVERSATIONS = [
+    [
+        {"role": "user", "content": "Weather in Paris and Lyon?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}},
+            {"name": "get_weather", "arguments": "{\"city\": \"Lyon\"}"},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 18.5}"},
+        {"role": "tool", "content": "{\"temp\": 21}"},
+        {"role": "user", "content": "Thanks!"},
+    ],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "Part one."}, {"type": "image"},
+                                     {"type": "text", "text": "Part two."}]},
+        {"role": "assistant", "content": "Let me search.", "tool_calls": [
+            {"function": {"name": "search", "arguments": {"query": "granite", "limit": 3}}}]},
+        {"role": "tool", "content": "nothing found"},
+    ],
+]
+
 CHAT_CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
     [
@@ -408,6 +628,28 @@ CHAT_CONVERSATIONS = [
     ],
     [{"role": "system", "content": "Système : réponds en français."}, {"role": "user", "content": "Bonjour"}],
     [{"role": "user", "content": "bell\u0007 del\u007f unit\u001f fox 🦊 é\r\n"}],
+]
+
+
+# (template, conversations, variables): transformers' `tools=`, `documents=` and other keywords.
+VARIABLE_CASES = [
+    (GRANITE_33_TEMPLATE, CHAT_CONVERSATIONS[:2], [
+        {}, {"tools": TOOLS}, {"documents": DOCUMENTS}, {"tools": TOOLS, "documents": DOCUMENTS},
+        {"thinking": True}, {"documents": DOCUMENTS, "controls": {"citations": True, "hallucinations": True}},
+        {"controls": {"length": "short", "originality": "abstractive"}},
+    ]),
+    (GRANITE_40_TEMPLATE, CHAT_CONVERSATIONS[:2] + TOOL_CONVERSATIONS, [
+        {}, {"tools": TOOLS}, {"documents": DOCUMENTS}, {"tools": TOOLS, "documents": DOCUMENTS},
+    ]),
+    (VARIABLES_TEMPLATE, [[
+        {"role": "user", "content": "Hi", "name": None},
+        {"role": "assistant", "content": "Hello", "reasoning_content": "greet back"},
+        {"role": "assistant", "reasoning": "r2", "content": None, "thinking": "t2"},
+    ]], [
+        {"thinking": False, "controls": {"citations": True}, "bos_token": "<B>",
+         "extra": {"nested": [0, {"x": 21}], "flag": None, "pi": 3.25, "big": 12345678901234}},
+        {"tools": TOOLS[:1], "documents": DOCUMENTS[:1], "thinking": True, "controls": [], "extra": {"nested": [1, {"x": 0.5}], "flag": True, "pi": 1e-7, "big": -1}},
+    ]),
 ]
 
 
@@ -427,6 +669,15 @@ def chat_reference(out: Path) -> None:
                 )
                 cases.append(dict(template=template, fixture=fixture, messages=messages,
                                   add_generation_prompt=add_generation_prompt, expected=expected))
+    tok = AutoTokenizer.from_pretrained(out / "mha_tied")
+    for template, conversations, variants in VARIABLE_CASES:
+        for messages in conversations:
+            for variables in variants:
+                expected = tok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, chat_template=template, **variables
+                )
+                cases.append(dict(template=template, fixture="mha_tied", messages=messages,
+                                  add_generation_prompt=True, variables=variables, expected=expected))
     (out / "chat_reference.json").write_text(json.dumps({"cases": cases}, ensure_ascii=False, indent=1) + "\n")
     print(f"chat_reference: {len(cases)} cases")
 

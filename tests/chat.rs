@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use granite_rs::text::chat::{ChatTemplate, Message};
+use granite_rs::text::chat::{ChatTemplate, JsonMap, Message};
 use granite_rs::Error;
 use serde::Deserialize;
 
@@ -19,6 +19,9 @@ struct Case {
     fixture: String,
     messages: Vec<Message>,
     add_generation_prompt: bool,
+    /// transformers' `tools=`, `documents=` and other keywords.
+    #[serde(default)]
+    variables: JsonMap,
     expected: String,
 }
 
@@ -51,7 +54,7 @@ fn every_case_renders_as_transformers_does() {
             Some(source) => own.with_source(source.as_str()).unwrap(),
             None => own,
         };
-        let ours = template.render(&case.messages, case.add_generation_prompt).unwrap();
+        let ours = template.render(&case.messages, case.add_generation_prompt, &case.variables).unwrap();
         if ours != case.expected {
             failures.push(format!(
                 "case {i} ({}, add_generation_prompt={}):\n ours:         {ours:?}\n transformers: {:?}",
@@ -86,7 +89,7 @@ fn raise_exception_is_an_error_naming_its_message() {
         None,
     )
     .unwrap();
-    let err = t.render(&[user("hi")], true).unwrap_err();
+    let err = t.render(&[user("hi")], true, &JsonMap::new()).unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
     assert!(err.to_string().contains("Only system roles may open: got user"), "{err}");
 }
@@ -96,7 +99,7 @@ fn alternation_check_of_a_realistic_template_fails_cleanly() {
     let case = reference().cases.into_iter().find(|c| c.template.as_deref().is_some_and(|s| s.contains("alternate")));
     let source = case.unwrap().template.unwrap();
     let t = ChatTemplate::new(source, Some("<s>"), Some("</s>")).unwrap();
-    let err = t.render(&[user("one"), user("two")], false).unwrap_err();
+    let err = t.render(&[user("one"), user("two")], false, &JsonMap::new()).unwrap_err();
     assert!(err.to_string().contains("Conversation roles must alternate"), "{err}");
 }
 
@@ -128,13 +131,13 @@ fn named_templates_and_added_token_objects() {
     }"#;
     std::fs::write(dir.path().join("tokenizer_config.json"), config).unwrap();
     let t = ChatTemplate::from_dir(dir.path()).unwrap().unwrap();
-    assert_eq!(t.render(&[user("hi")], false).unwrap(), "<s>hi</s>");
+    assert_eq!(t.render(&[user("hi")], false, &JsonMap::new()).unwrap(), "<s>hi</s>");
 
     // A chat_template.jinja (5.x) wins over tokenizer_config.json; Python reads \r\n as \n.
     std::fs::write(dir.path().join("chat_template.jinja"), "{{ messages[0].content }}\r\n!\r\n").unwrap();
     let t = ChatTemplate::from_dir(dir.path()).unwrap().unwrap();
     assert_eq!(t.source(), "{{ messages[0].content }}\n!\n");
-    assert_eq!(t.render(&[user("hi")], false).unwrap(), "hi\n!");
+    assert_eq!(t.render(&[user("hi")], false, &JsonMap::new()).unwrap(), "hi\n!");
     assert_eq!(t.bos_token(), Some("<s>"));
 
     // Only non-default templates: nothing transformers could render by default.
@@ -155,7 +158,7 @@ fn additional_chat_templates_directory() {
     std::fs::create_dir(dir.path().join("additional_chat_templates")).unwrap();
     std::fs::write(dir.path().join("additional_chat_templates/default.jinja"), "from file").unwrap();
     let t = ChatTemplate::from_dir(dir.path()).unwrap().unwrap();
-    assert_eq!(t.render(&[user("hi")], false).unwrap(), "from file");
+    assert_eq!(t.render(&[user("hi")], false, &JsonMap::new()).unwrap(), "from file");
 }
 
 #[test]
@@ -170,7 +173,7 @@ fn a_syntax_error_fails_at_load_with_its_line() {
 #[test]
 fn an_empty_conversation_is_invalid() {
     let t = ChatTemplate::new("{{ messages | length }}", None, None).unwrap();
-    assert!(matches!(t.render(&[], true), Err(Error::InvalidArgument(_))));
+    assert!(matches!(t.render(&[], true, &JsonMap::new()), Err(Error::InvalidArgument(_))));
 }
 
 #[test]
@@ -181,7 +184,7 @@ fn strftime_now_formats_the_current_date() {
         None,
     )
     .unwrap();
-    let out = t.render(&[user("hi")], false).unwrap();
+    let out = t.render(&[user("hi")], false, &JsonMap::new()).unwrap();
     let parts: Vec<&str> = out.split('|').collect();
     let ymd = parts[0].as_bytes();
     assert_eq!(ymd.len(), 10, "{out}");
@@ -198,7 +201,7 @@ fn templates_cannot_reach_files() {
     // No loader: include/import/extends find nothing, so a template reads no file.
     for source in ["{% include '/etc/passwd' %}", "{% import 'tokenizer_config.json' as x %}"] {
         let t = ChatTemplate::new(source, None, None).unwrap();
-        assert!(t.render(&[user("hi")], false).is_err(), "{source}");
+        assert!(t.render(&[user("hi")], false, &JsonMap::new()).is_err(), "{source}");
     }
 }
 
@@ -208,3 +211,40 @@ const _: () = {
     send_sync::<ChatTemplate>();
     send_sync::<granite_rs::Generator>();
 };
+
+#[test]
+fn a_template_that_loops_without_end_is_stopped() {
+    let source = "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}\
+                  {% endfor %}{% endfor %}{% endfor %}";
+    let t = ChatTemplate::new(source, None, None).unwrap();
+    let start = std::time::Instant::now();
+    let err = t.render(&[user("hi")], true, &JsonMap::new()).unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("instructions")), "{err}");
+    assert!(start.elapsed().as_secs_f64() < 30.0, "{:?}", start.elapsed());
+}
+
+#[test]
+fn a_template_whose_output_grows_without_end_is_stopped() {
+    let source = "{% for a in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}";
+    let t = ChatTemplate::new(source, None, None).unwrap();
+    let err = t.render(&[user("hi")], true, &JsonMap::new()).unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("bytes")), "{err}");
+}
+
+#[test]
+fn variables_are_checked() {
+    let t = ChatTemplate::new("{{ tools }}", None, None).unwrap();
+    let vars = |json: &str| -> JsonMap { serde_json::from_str(json).unwrap() };
+    let render = |json: &str| t.render(&[user("hi")], true, &vars(json));
+    assert_eq!(render(r#"{"tools": null}"#).unwrap(), "None");
+    for (bad, needle) in [
+        (r#"{"tools": {"name": "f"}}"#, "tools must be a list"),
+        (r#"{"tools": [1]}"#, "tools[0] must be a dict"),
+        (r#"{"documents": [{"text": "a"}, "b"]}"#, "documents[1] must be a dict"),
+        (r#"{"messages": []}"#, "\"messages\" is set by the chat call"),
+        (r#"{"add_generation_prompt": false}"#, "\"add_generation_prompt\""),
+    ] {
+        let err = render(bad).unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains(needle)), "{bad}: {err}");
+    }
+}

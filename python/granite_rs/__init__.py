@@ -42,6 +42,6 @@ class Generator(_granite_rs.Generator):
         """``stream`` as an async iterator (see ``aiterate``)."""
         return aiterate(self.stream(prompt, **kwargs))
 
-    def achat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> AsyncIterator[str]:
+    def achat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> AsyncIterator[str]:
         """``stream_chat`` as an async iterator (see ``aiterate``)."""
         return aiterate(self.stream_chat(messages, **kwargs))

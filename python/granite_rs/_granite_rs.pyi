@@ -14,8 +14,8 @@ __all__ = [
 ]
 __version__: str
 
-# A chat message: {"role": "system" | "user" | "assistant" | ..., "content": str}.
-_Message = Mapping[str, str]
+# A chat message: {"role": "system" | "user" | "assistant" | "tool" | ..., "content": ..., ...}.
+_Message = Mapping[str, Any]
 
 GENERATION_KEYWORDS: tuple[dict[str, Any], ...]
 """The keywords of generate, stream and chat (``GenerateOptions`` and ``details``), in order.
@@ -145,10 +145,55 @@ class _Generates:
     def stream(self, prompt: str, **kwargs: Unpack[GenerateOptions]) -> TextStream:
         """Like ``generate``, as an iterator of text chunks. Argument errors raise here, at once."""
     @overload
-    def chat(self, messages: Sequence[_Message], *, details: Literal[False] = False, **kwargs: Unpack[GenerateOptions]) -> str: ...
+    def chat(
+        self,
+        messages: Sequence[_Message],
+        *,
+        tools: Optional[Sequence[Mapping[str, Any]]] = None,
+        documents: Optional[Sequence[Mapping[str, Any]]] = None,
+        chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+        details: Literal[False] = False,
+        **kwargs: Any,
+    ) -> str:
+        """Generates the assistant's answer to ``messages``, rendered by the model's chat template.
+
+        ``messages`` are dicts (pydantic models and dataclasses are read as dicts), each passed to
+        the template as it is: ``role`` and ``content`` (a string, or a list of parts), and any other
+        field a template reads (``tool_calls`` on an assistant turn, ``tool`` role turns, a
+        ``reasoning_content``). As transformers does, fields set to None are dropped.
+
+        The keywords of ``GenerateOptions`` (and ``details``) steer the generation. Every other
+        keyword is a template variable, as transformers' ``apply_chat_template`` passes them:
+        ``tools`` (function specs as JSON-schema dicts, as transformers and OpenAI write them),
+        ``documents`` (dicts), and e.g. ``thinking=True`` or ``controls={...}`` for Granite 3.x
+        templates. A keyword one typo from a generation keyword raises TypeError ("did you mean");
+        a template variable of such a name goes in ``chat_template_kwargs``.
+
+        Raises:
+            TypeError: a value that is not JSON (the message names where it is).
+            ValueError: a template that fails (its message), runs past 50 million instructions
+                or writes more than 64 MiB; tools or documents that are not lists of dicts.
+        """
     @overload
-    def chat(self, messages: Sequence[_Message], *, details: Literal[True], **kwargs: Unpack[GenerateOptions]) -> GenerationResult: ...
-    def stream_chat(self, messages: Sequence[_Message], **kwargs: Unpack[GenerateOptions]) -> TextStream:
+    def chat(
+        self,
+        messages: Sequence[_Message],
+        *,
+        tools: Optional[Sequence[Mapping[str, Any]]] = None,
+        documents: Optional[Sequence[Mapping[str, Any]]] = None,
+        chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+        details: Literal[True],
+        **kwargs: Any,
+    ) -> GenerationResult: ...
+    def stream_chat(
+        self,
+        messages: Sequence[_Message],
+        *,
+        tools: Optional[Sequence[Mapping[str, Any]]] = None,
+        documents: Optional[Sequence[Mapping[str, Any]]] = None,
+        chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+        **kwargs: Any,
+    ) -> TextStream:
         """``chat`` as an iterator of text chunks."""
 
 @disjoint_base
@@ -223,8 +268,18 @@ class Generator(_Generates):
         """Text of token ids. Raises ValueError for an id outside [0, vocab_size)."""
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """Logits of shape (len(ids), vocab_size) from one uncached forward over ``ids``."""
-    def apply_chat_template(self, messages: Sequence[_Message], add_generation_prompt: bool = True) -> str:
-        """The chat template's text for ``messages``, as transformers renders it (in a sandbox)."""
+    def apply_chat_template(
+        self,
+        messages: Sequence[_Message],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Optional[Sequence[Mapping[str, Any]]] = None,
+        documents: Optional[Sequence[Mapping[str, Any]]] = None,
+        **kwargs: Any,
+    ) -> str:
+        """The chat template's text for ``messages``, as transformers' ``apply_chat_template``
+        (``tokenize=False``) renders it, in a sandbox. ``tools``, ``documents`` and every other
+        keyword are template variables (see ``chat``)."""
     def generate_batch(self, prompts: Sequence[str], **kwargs: Unpack[GenerateOptions]) -> list[str]:
         """Generates for all prompts together: one forward per step over every unfinished prompt
         (no padding; a prompt that finishes leaves the batch at once).

@@ -5,12 +5,13 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
 use numpy::{PyArray1, PyArrayMethods};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyDict;
 use pyo3::IntoPyObjectExt;
 
-use super::params::{generate_params, generate_params_rows};
+use super::json::{to_json, to_json_object};
+use super::params::{generate_params, generate_params_rows, split_chat_kwargs};
 use super::run::{lock, watched, GenerationResult, Running, TextStream};
 use crate::config::{dtype_name, parse_dtype, Family};
 use crate::error::{Error, Result};
@@ -18,7 +19,7 @@ use crate::generation::model;
 use crate::generation::params::GenerateParams;
 use crate::generation::session;
 use crate::loading::quantization::{Precision, Quantization};
-use crate::text::chat::Message;
+use crate::text::chat::{JsonMap, Message};
 
 fn device(name: &str) -> Result<Device> {
     let ordinal = match name {
@@ -48,14 +49,32 @@ pub struct Generates {
     home: Option<Arc<Mutex<session::Session>>>,
 }
 
-/// `messages` as a list of {"role": ..., "content": ...} dicts.
-fn messages(list: &Bound<'_, PyList>) -> PyResult<Vec<Message>> {
-    let field = |m: &Bound<'_, PyAny>, key: &str| -> PyResult<String> {
-        m.get_item(key)
-            .and_then(|v| v.extract())
-            .map_err(|_| PyValueError::new_err(format!("each message must be a dict with a string {key:?}")))
-    };
-    list.iter().map(|m| Ok(Message { role: field(&m, "role")?, content: field(&m, "content")? })).collect()
+/// `messages` as a list of dicts (or pydantic models or dataclasses), each passed to the template as it is.
+fn messages(list: &Bound<'_, PyAny>) -> PyResult<Vec<Message>> {
+    if list.is_instance_of::<pyo3::types::PyString>() || list.is_instance_of::<PyDict>() {
+        return Err(PyTypeError::new_err("messages must be a list of dicts"));
+    }
+    let items = list.try_iter().map_err(|_| PyTypeError::new_err("messages must be a list of dicts"))?;
+    items.enumerate().map(|(i, m)| Ok(Message(to_json_object(&m?, &format!("messages[{i}]"))?))).collect()
+}
+
+/// The chat template's variables: `tools`, `documents`, then the others by name.
+fn template_vars<'py>(
+    tools: Option<&Bound<'py, PyAny>>,
+    documents: Option<&Bound<'py, PyAny>>,
+    others: Vec<(String, Bound<'py, PyAny>)>,
+) -> PyResult<JsonMap> {
+    let mut vars = JsonMap::new();
+    for (name, value) in [("tools", tools), ("documents", documents)] {
+        if let Some(v) = value.filter(|v| !v.is_none()) {
+            vars.insert(name.into(), to_json(v, name)?);
+        }
+    }
+    for (name, value) in others {
+        let json = to_json(&value, &name)?;
+        vars.insert(name, json);
+    }
+    Ok(vars)
 }
 
 impl Generates {
@@ -68,7 +87,7 @@ impl Generates {
     }
 
     /// The chat template's text for `messages`, tokenized as transformers does (no special tokens added).
-    fn chat_ids(&self, py: Python<'_>, list: &Bound<'_, PyList>) -> PyResult<Vec<u32>> {
+    fn chat_ids(&self, py: Python<'_>, list: &Bound<'_, PyAny>, vars: &JsonMap) -> PyResult<Vec<u32>> {
         let messages = messages(list)?;
         let template = self.generator.chat_template().ok_or_else(|| {
             Error::Unsupported(
@@ -76,7 +95,7 @@ impl Generates {
             )
         })?;
         Ok(py.detach(|| -> Result<Vec<u32>> {
-            let text = template.render(&messages, true)?;
+            let text = template.render(&messages, true, vars)?;
             self.generator.tokenizer().encode(&text, false)
         })?)
     }
@@ -124,25 +143,52 @@ impl Generates {
         self.open_stream(self.encode(py, prompt)?, kwargs)
     }
 
-    #[pyo3(signature = (messages, **kwargs))]
+    #[pyo3(signature = (messages, *, tools = None, documents = None, chat_template_kwargs = None, **kwargs))]
     fn chat(
         &self,
         py: Python<'_>,
-        messages: &Bound<'_, PyList>,
+        messages: &Bound<'_, PyAny>,
+        tools: Option<&Bound<'_, PyAny>>,
+        documents: Option<&Bound<'_, PyAny>>,
+        chat_template_kwargs: Option<&Bound<'_, PyDict>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        self.run(py, self.chat_ids(py, messages)?, kwargs, false)
+        let (generation, vars) = chat_args(tools, documents, chat_template_kwargs, kwargs)?;
+        self.run(py, self.chat_ids(py, messages, &vars)?, generation.as_ref(), false)
     }
 
-    #[pyo3(signature = (messages, **kwargs))]
+    #[pyo3(signature = (messages, *, tools = None, documents = None, chat_template_kwargs = None, **kwargs))]
     fn stream_chat(
         &self,
         py: Python<'_>,
-        messages: &Bound<'_, PyList>,
+        messages: &Bound<'_, PyAny>,
+        tools: Option<&Bound<'_, PyAny>>,
+        documents: Option<&Bound<'_, PyAny>>,
+        chat_template_kwargs: Option<&Bound<'_, PyDict>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TextStream> {
-        self.open_stream(self.chat_ids(py, messages)?, kwargs)
+        let (generation, vars) = chat_args(tools, documents, chat_template_kwargs, kwargs)?;
+        self.open_stream(self.chat_ids(py, messages, &vars)?, generation.as_ref())
     }
+}
+
+/// A chat call's generation keywords, and its template variables: `tools`, `documents`, what
+/// `chat_template_kwargs` holds and every other keyword.
+fn chat_args<'py>(
+    tools: Option<&Bound<'py, PyAny>>,
+    documents: Option<&Bound<'py, PyAny>>,
+    chat_template_kwargs: Option<&Bound<'py, PyDict>>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<(Option<Bound<'py, PyDict>>, JsonMap)> {
+    let (generation, others) = split_chat_kwargs(kwargs)?;
+    let mut named = Vec::new();
+    for (key, value) in chat_template_kwargs.into_iter().flat_map(|d| d.iter()) {
+        let key: String =
+            key.extract().map_err(|_| PyTypeError::new_err("chat_template_kwargs: keys must be strings"))?;
+        named.push((key, value));
+    }
+    named.extend(others);
+    Ok((generation, template_vars(tools, documents, named)?))
 }
 
 /// A loaded Granite model. Immutable and thread-safe: each call has its own KV cache.
@@ -196,13 +242,27 @@ impl Generator {
         PyArray1::from_vec(py, values).reshape([ids.len(), self.inner.config().vocab_size])
     }
 
-    /// The text the chat template makes of `messages` (with the generation prompt).
-    #[pyo3(signature = (messages, add_generation_prompt = true))]
-    fn apply_chat_template(&self, messages: &Bound<'_, PyList>, add_generation_prompt: bool) -> PyResult<String> {
+    /// The text the chat template makes of `messages` (with the generation prompt); every
+    /// keyword is a template variable, as in transformers.
+    #[pyo3(signature = (messages, add_generation_prompt = true, *, tools = None, documents = None, **kwargs))]
+    fn apply_chat_template(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+        tools: Option<&Bound<'_, PyAny>>,
+        documents: Option<&Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<String> {
         let messages = self::messages(messages)?;
+        let mut others = Vec::new();
+        for (key, value) in kwargs.into_iter().flat_map(|d| d.iter()) {
+            others.push((key.extract::<String>()?, value));
+        }
+        let vars = template_vars(tools, documents, others)?;
         let template =
             self.inner.chat_template().ok_or_else(|| Error::Unsupported("this model has no chat template".into()))?;
-        Ok(template.render(&messages, add_generation_prompt)?)
+        Ok(py.detach(|| template.render(&messages, add_generation_prompt, &vars))?)
     }
 
     /// Generates for all prompts together, one forward per step over every unfinished prompt.

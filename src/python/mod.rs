@@ -2,6 +2,7 @@
 //! Python exception classes. No logic of its own.
 
 mod generator;
+mod json;
 mod params;
 mod run;
 

@@ -54,6 +54,36 @@ fn keyword(key: &Bound<'_, PyAny>) -> PyResult<(String, &'static Keyword)> {
     }
 }
 
+/// A chat call's keywords: those in `KEYWORDS` as a dict, and the others (the chat template's
+/// variables, as transformers passes them). A name one typo from a generation keyword is a
+/// TypeError, since it would silently do nothing; such a template variable goes in
+/// `chat_template_kwargs`.
+#[allow(clippy::type_complexity)]
+pub fn split_chat_kwargs<'py>(
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<(Option<Bound<'py, PyDict>>, Vec<(String, Bound<'py, PyAny>)>)> {
+    let Some(kwargs) = kwargs else { return Ok((None, Vec::new())) };
+    let generation = PyDict::new(kwargs.py());
+    let mut others = Vec::new();
+    for (key, value) in kwargs.iter() {
+        let name: String = key.extract()?;
+        if KEYWORDS.iter().any(|k| k.name == name) {
+            generation.set_item(key, value)?;
+            continue;
+        }
+        let near = KEYWORDS.iter().find(|k| strsim::normalized_damerau_levenshtein(k.name, &name) >= 0.8);
+        if let Some(k) = near {
+            return Err(PyTypeError::new_err(format!(
+                "unexpected keyword argument '{name}' (did you mean '{}'? A chat template variable of this \
+                 name goes in chat_template_kwargs)",
+                k.name
+            )));
+        }
+        others.push((name, value));
+    }
+    Ok((Some(generation), others))
+}
+
 /// Keywords as transformers' `generate` names them; unset ones come from generation_config.json.
 /// The values are checked by the core when the generation starts.
 pub fn generate_params(generator: &Generator, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<GenerateParams> {

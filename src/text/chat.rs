@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, ErrorKind, State};
 use serde::{Deserialize, Serialize};
 
@@ -24,18 +24,50 @@ const TEMPLATE_NAME: &str = "chat_template.jinja";
 const SPECIAL_TOKENS: [&str; 7] =
     ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
-/// One turn of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
+/// JSON objects as Python dicts: keys in insertion order.
+pub type JsonMap = serde_json::Map<String, serde_json::Value>;
+
+/// One turn of a conversation: a JSON object, usually with a `role` and a `content`. Every field
+/// (`tool_calls`, `name`, `reasoning_content`, ...) reaches the template as given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Message(pub JsonMap);
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        let mut fields = JsonMap::new();
+        fields.insert("role".into(), role.into().into());
+        fields.insert("content".into(), content.into().into());
+        Self(fields)
+    }
+
+    /// The message as transformers hands it to the template: keys set to None dropped, and a
+    /// reasoning trace under any of its names also given as `reasoning_content`, and as
+    /// `thinking` (unless set), which comes first.
+    fn normalized(&self) -> JsonMap {
+        let mut fields: JsonMap =
+            self.0.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let reasoning = REASONING_FIELDS.iter().find_map(|k| fields.get(*k)).cloned();
+        if let Some(reasoning) = reasoning {
+            let thinking = fields.shift_remove("thinking").unwrap_or_else(|| reasoning.clone());
+            let mut first = JsonMap::from_iter([("thinking".to_string(), thinking)]);
+            first.extend(fields);
+            fields = first;
+            fields.insert("reasoning_content".into(), reasoning);
+        }
+        fields
     }
 }
+
+/// The names a message's reasoning trace goes by, in transformers' order of preference.
+const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+
+/// The most instructions one render may run: a template from a model directory is untrusted,
+/// and a loop without end must not hang the caller.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
+/// The most bytes a render may write.
+pub const TEMPLATE_OUTPUT_BYTES: usize = 64 << 20;
 
 /// A compiled chat template and the special tokens it is rendered with.
 pub struct ChatTemplate {
@@ -178,26 +210,38 @@ impl ChatTemplate {
     }
 
     /// The conversation as the prompt text the model expects; with `add_generation_prompt`, ending in
-    /// the header of an assistant turn. An error from the template (a `raise_exception`, for one,
-    /// when roles do not alternate) is an `InvalidArgument` carrying its message.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    /// the header of an assistant turn. `vars` are the template's other variables, as transformers
+    /// passes `tools=`, `documents=` and any other keyword (`tools` and `documents` are None unless
+    /// given; a variable named like a special token replaces it). An error from the template (a
+    /// `raise_exception`, for one, when roles do not alternate), a render past `TEMPLATE_FUEL`
+    /// instructions or `TEMPLATE_OUTPUT_BYTES` bytes, or a bad variable is an `InvalidArgument`.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, vars: &JsonMap) -> Result<String> {
         if messages.is_empty() {
             return Err(Error::invalid("cannot apply a chat template to an empty conversation"));
         }
-        // Maps keep insertion order (minijinja's `preserve_order`), as Python dicts do for `tojson`.
-        let messages: Value = messages
-            .iter()
-            .map(|m| Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())]))
-            .collect();
-        let mut ctx: Vec<(&str, Value)> = vec![
-            ("messages", messages),
-            ("add_generation_prompt", Value::from(add_generation_prompt)),
-            ("tools", Value::from(())),
-            ("documents", Value::from(())),
-        ];
-        ctx.extend(self.special_tokens.iter().map(|(n, t)| (*n, Value::from(t.as_str()))));
+        check_vars(vars)?;
+        let messages: Vec<serde_json::Value> = messages.iter().map(|m| m.normalized().into()).collect();
+        // Objects keep their key order (serde_json's and minijinja's `preserve_order`), as Python
+        // dicts do for `tojson`.
+        let mut ctx = JsonMap::new();
+        ctx.insert("messages".into(), messages.into());
+        ctx.insert("tools".into(), serde_json::Value::Null);
+        ctx.insert("documents".into(), serde_json::Value::Null);
+        ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        ctx.extend(self.special_tokens.iter().map(|(n, t)| (n.to_string(), t.as_str().into())));
+        ctx.extend(vars.clone());
         let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
-        template.render(Value::from_pairs(ctx)).map_err(|e| Error::invalid(format!("chat template: {}", describe(&e))))
+        let mut out = BoundedOutput { text: Vec::new(), full: false };
+        match template.render_captured_to(Value::from(Serde(&ctx)), &mut out) {
+            Ok(_) => String::from_utf8(out.text).map_err(|_| Error::invalid("chat template: the output is not UTF-8")),
+            Err(_) if out.full => {
+                Err(Error::invalid(format!("chat template: the output grew past {TEMPLATE_OUTPUT_BYTES} bytes")))
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::invalid(format!(
+                "chat template: the render ran past {TEMPLATE_FUEL} instructions (a loop without end?)"
+            ))),
+            Err(e) => Err(Error::invalid(format!("chat template: {}", describe(&e)))),
+        }
     }
 
     fn compile(source: String, special_tokens: Vec<(&'static str, String)>) -> Result<Self> {
@@ -210,12 +254,54 @@ impl ChatTemplate {
         env.set_syntax(syntax);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_formatter(python_formatter);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, source.clone()).map_err(template_error)?;
         Ok(Self { source, special_tokens, env })
+    }
+}
+
+/// The variables a caller may not set, and those transformers requires to be lists of dicts.
+fn check_vars(vars: &JsonMap) -> Result<()> {
+    for name in ["messages", "add_generation_prompt"] {
+        if vars.contains_key(name) {
+            return Err(Error::invalid(format!("chat template variable {name:?} is set by the chat call itself")));
+        }
+    }
+    for name in ["tools", "documents"] {
+        let list = match vars.get(name) {
+            None | Some(serde_json::Value::Null) => continue,
+            Some(serde_json::Value::Array(list)) => list,
+            Some(_) => return Err(Error::invalid(format!("{name} must be a list of dicts"))),
+        };
+        if let Some(i) = list.iter().position(|item| !item.is_object()) {
+            return Err(Error::invalid(format!("{name}[{i}] must be a dict")));
+        }
+    }
+    Ok(())
+}
+
+/// The render's output, refused past `TEMPLATE_OUTPUT_BYTES`.
+struct BoundedOutput {
+    text: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > TEMPLATE_OUTPUT_BYTES {
+            self.full = true;
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
