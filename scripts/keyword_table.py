@@ -8,7 +8,7 @@ from granite_rs._granite_rs import GENERATION_KEYWORDS
 def table() -> str:
     rows = ["| keyword | type | default | accepts | meaning |", "| --- | --- | --- | --- | --- |"]
     for k in GENERATION_KEYWORDS:
-        kind = {"strs": "str or list of str", "ints": "list of int"}.get(k["type"], k["type"])
+        kind = {"strs": "str or list of str", "ints": "list of int", "json": "dict or JSON str"}.get(k["type"], k["type"])
         if k["nullable"]:
             kind += " or None"
         accepts = k["range"].replace("|", "\\|") or "-"

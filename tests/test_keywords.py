@@ -28,7 +28,7 @@ def flags_of(command: str) -> dict:
 def test_keywords_are_unique_and_documented():
     assert len(NAMES) == len(set(NAMES)) and NAMES[0] == "max_new_tokens"
     for k in _granite_rs.GENERATION_KEYWORDS:
-        assert k["type"] in ("int", "float", "bool", "strs", "ints"), k
+        assert k["type"] in ("int", "float", "bool", "strs", "ints", "str", "json"), k
         assert k["doc"] and "\n" not in k["doc"], k
 
 

@@ -75,6 +75,20 @@ class GenerateOptions(TypedDict, total=False):
     """Token ids that end the generation (finish reason "stop")."""
     ignore_eos: bool
     """Keep going past end-of-sequence tokens (default False)."""
+    json_schema: Union[Mapping[str, Any], str, None]
+    """A JSON schema (a dict, or a JSON string): the text is one JSON value valid under it.
+
+    Each token is masked to those that can continue a valid value before sampling (llguidance,
+    as vLLM and mistral.rs use), so every sampling keyword still applies; the generation stops
+    (finish reason "stop") once the value is complete. Unless the schema sets llguidance's own
+    ``"x-guidance"`` options, the JSON is laid out as ``json.dumps`` writes it (``", "`` and
+    ``": "``, no other whitespace). A result cut short by ``max_new_tokens`` ends with finish
+    reason "length" and is not complete. A schema that does not compile raises ValueError."""
+    regex: Optional[str]
+    """The whole text matches this regex (as ``re.fullmatch``); see ``json_schema``."""
+    grammar: Optional[str]
+    """The text matches this context-free grammar in llguidance's Lark syntax (rule ``start``);
+    see ``json_schema``. At most one of ``json_schema``, ``regex`` and ``grammar`` per call."""
     top_logprobs: int
     """With ``details=True``: also report this many most likely alternatives per token."""
 

@@ -1,9 +1,11 @@
 //! A loaded model directory (`Generator`) and the parameters of one generation.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
+use llguidance::toktrie::TokEnv;
+use llguidance::ParserFactory;
 
 use crate::config::GraniteConfig;
 use crate::error::{Error, Result};
@@ -16,6 +18,7 @@ use crate::loading::safetensors::Weights;
 use crate::model::granite::Granite;
 use crate::model::span::Logits;
 use crate::text::chat::ChatTemplate;
+use crate::text::token_env::TokenEnv;
 use crate::text::tokenizer::Tokenizer;
 
 /// What a model's own files say about it, for people (`granite-rs info`).
@@ -40,6 +43,8 @@ pub struct Generator {
     chat_template: Option<ChatTemplate>,
     /// From config.json and generation_config.json together.
     eos_token_ids: Vec<u32>,
+    /// Compiles grammars against our tokenizer; made by the first constrained generation.
+    grammars: OnceLock<std::result::Result<ParserFactory, String>>,
 }
 
 /// How a model is loaded, beyond its path and device.
@@ -129,7 +134,8 @@ impl Generator {
                 eos_token_ids.push(id);
             }
         }
-        Ok(Self { model, info, tokenizer: Arc::new(tokenizer), defaults, chat_template, eos_token_ids })
+        let tokenizer = Arc::new(tokenizer);
+        Ok(Self { model, info, tokenizer, defaults, chat_template, eos_token_ids, grammars: OnceLock::new() })
     }
 
     pub fn model(&self) -> &Granite {
@@ -155,6 +161,20 @@ impl Generator {
 
     pub(crate) fn shared_tokenizer(&self) -> Arc<Tokenizer> {
         self.tokenizer.clone()
+    }
+
+    /// What compiles a request's grammar: llguidance's factory over this model's token trie, built
+    /// once (a vocabulary it cannot read is an `Unsupported` error each time it is asked for).
+    pub(crate) fn grammars(&self) -> Result<&ParserFactory> {
+        let made = self.grammars.get_or_init(|| {
+            let env = TokenEnv::new(self.tokenizer.clone(), self.config().vocab_size, &self.eos_token_ids)
+                .map_err(|e| e.to_string())?;
+            let env: TokEnv = Arc::new(env);
+            let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+            factory.quiet();
+            Ok(factory)
+        });
+        made.as_ref().map_err(|e| Error::Unsupported(e.clone()))
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {

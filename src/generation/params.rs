@@ -3,6 +3,7 @@
 //! value is checked here (`GenerateParams::set`, `SamplingParams::validate`).
 
 use crate::error::{Error, Result};
+use crate::generation::constraint::Grammar;
 
 /// How a keyword's value is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +18,10 @@ pub enum Kind {
     Strs,
     /// A list of integers.
     Ints,
+    /// One string.
+    Str,
+    /// A JSON value, or a string of JSON.
+    Json,
 }
 
 impl Kind {
@@ -28,6 +33,8 @@ impl Kind {
             Kind::Bool => "bool",
             Kind::Strs => "strs",
             Kind::Ints => "ints",
+            Kind::Str => "str",
+            Kind::Json => "json",
         }
     }
 }
@@ -66,7 +73,7 @@ const fn kw(
 }
 
 /// Every keyword of generate / generate_ids / stream / chat, in the order they are documented.
-pub const KEYWORDS: [Keyword; 15] = [
+pub const KEYWORDS: [Keyword; 18] = [
     kw(
         "max_new_tokens",
         Kind::Count,
@@ -158,6 +165,23 @@ pub const KEYWORDS: [Keyword; 15] = [
     ),
     kw("ignore_eos", Kind::Bool, false, DefaultValue::Bool(false), "", "keep going past end-of-sequence tokens"),
     kw(
+        "json_schema",
+        Kind::Json,
+        true,
+        DefaultValue::None,
+        "a JSON schema (a dict or a JSON string)",
+        "the text is one JSON value valid under this schema",
+    ),
+    kw("regex", Kind::Str, true, DefaultValue::None, "a regex", "the text fully matches this regex"),
+    kw(
+        "grammar",
+        Kind::Str,
+        true,
+        DefaultValue::None,
+        "a grammar in llguidance's Lark syntax",
+        "the text matches this context-free grammar",
+    ),
+    kw(
         "details",
         Kind::Bool,
         false,
@@ -184,6 +208,8 @@ pub enum Value {
     Bool(bool),
     Strs(Vec<String>),
     Ints(Vec<i64>),
+    Str(String),
+    Json(serde_json::Value),
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -194,6 +220,8 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// What the text must match (at most one of json_schema, regex and grammar).
+    pub grammar: Option<Grammar>,
     /// Record each new token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
     /// Whether the caller wants the details of the result (implies `logprobs`).
@@ -240,6 +268,7 @@ impl GenerateParams {
                     .collect::<Result<_>>()?
             }
             ("ignore_eos", Value::Bool(b)) => self.ignore_eos = b,
+            ("json_schema" | "regex" | "grammar", v) => self.set_grammar(name, v)?,
             ("details", Value::Bool(b)) => {
                 self.details = b;
                 if b {
@@ -250,6 +279,30 @@ impl GenerateParams {
             (name, _) if KEYWORDS.iter().any(|k| k.name == name) => return Err(wrong()),
             (name, _) => return Err(Error::invalid(format!("unexpected keyword argument '{name}'"))),
         }
+        Ok(())
+    }
+
+    /// Sets (or with None, clears) the grammar of keyword `name`; a second kind is an error.
+    fn set_grammar(&mut self, name: &str, value: Value) -> Result<()> {
+        let grammar = match (name, value) {
+            (_, Value::None) => {
+                if self.grammar.as_ref().is_some_and(|g| g.keyword() == name) {
+                    self.grammar = None;
+                }
+                return Ok(());
+            }
+            ("json_schema", Value::Json(schema)) => Grammar::JsonSchema(schema),
+            ("regex", Value::Str(rx)) => Grammar::Regex(rx),
+            ("grammar", Value::Str(lark)) => Grammar::Lark(lark),
+            _ => return Err(Error::invalid(format!("{name}: a value of the wrong type"))),
+        };
+        if let Some(other) = self.grammar.as_ref().filter(|g| g.keyword() != name) {
+            return Err(Error::invalid(format!(
+                "json_schema, regex and grammar: give at most one (got {} and {name})",
+                other.keyword()
+            )));
+        }
+        self.grammar = Some(grammar);
         Ok(())
     }
 

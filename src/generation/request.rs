@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::generation::constraint::Constraint;
 use crate::generation::model::Generator;
 use crate::generation::params::GenerateParams;
 use crate::generation::sampling::{check_finite, log_softmax, Sampler};
@@ -46,6 +47,8 @@ pub struct Request {
     params: GenerateParams,
     logprobs: Vec<TokenLogprob>,
     text: StoppingText,
+    /// The grammar the text must match, if any.
+    constraint: Option<Constraint>,
     finish: Option<FinishReason>,
     timings: Timings,
     started: Option<Instant>,
@@ -55,7 +58,12 @@ impl Request {
     /// A request for `prompt`, of which the first `cached` tokens need no computing.
     pub fn new(generator: Arc<Generator>, prompt: Vec<u32>, params: GenerateParams, cached: usize) -> Result<Self> {
         let max_new_tokens = Self::check(&generator, &prompt, &params)?;
+        let constraint = match &params.grammar {
+            Some(grammar) => Some(Constraint::new(generator.grammars()?, grammar)?),
+            None => None,
+        };
         Ok(Self {
+            constraint,
             sampler: Sampler::new(params.sampling.clone())?,
             text: StoppingText::new(generator.shared_tokenizer(), params.stop.clone()),
             timings: Timings { prompt_tokens: prompt.len(), cached_tokens: cached, ..Default::default() },
@@ -138,6 +146,13 @@ impl Request {
         if !ended_on_token && self.text.push(token)? {
             self.finish = Some(FinishReason::Stop);
         }
+        if let Some(constraint) = &mut self.constraint {
+            constraint.advance(token)?;
+            // The token that completes the grammar is part of the text.
+            if constraint.is_complete() {
+                self.finish.get_or_insert(FinishReason::Stop);
+            }
+        }
         if self.finish.is_some() {
             self.text.finish()?;
         }
@@ -147,7 +162,8 @@ impl Request {
     fn pick(&mut self, logits: &Tensor) -> Result<u32> {
         let dtype = self.generator.model().dtype();
         let top_logprobs = self.params.logprobs;
-        if !logits.device().is_cpu() && top_logprobs.is_none() && self.sampler.is_plain_greedy() {
+        let plain = top_logprobs.is_none() && self.constraint.is_none() && self.sampler.is_plain_greedy();
+        if !logits.device().is_cpu() && plain {
             // On a GPU: the pick and a finiteness check on the device; two numbers cross, not the vocabulary.
             let (token, finite) = crate::model::greedy(logits)?;
             if !finite {
@@ -158,6 +174,9 @@ impl Request {
         let mut logits = logits.to_vec1::<f32>()?;
         check_finite(&logits, dtype)?;
         let raw = top_logprobs.map(|_| log_softmax(&logits));
+        if let Some(constraint) = &mut self.constraint {
+            constraint.apply(&mut logits)?;
+        }
         let (prompt, generated) = self.tokens.split_at(self.prompt_len);
         let token = self.sampler.sample(&mut logits, prompt, generated)?;
         if let (Some(n), Some(raw)) = (top_logprobs, raw) {

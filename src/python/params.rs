@@ -5,6 +5,7 @@ use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
+use super::json::to_json;
 use crate::generation::model::Generator;
 use crate::generation::params::{DefaultValue, GenerateParams, Keyword, Kind, Value, KEYWORDS};
 
@@ -42,6 +43,15 @@ fn extract(key: &str, kind: Kind, nullable: bool, value: &Bound<'_, PyAny>) -> P
         Kind::Strs if value.is_instance_of::<PyString>() => Value::Strs(vec![get(key, value)?]),
         Kind::Strs => Value::Strs(get(key, value)?),
         Kind::Ints => Value::Ints(get(key, value)?),
+        Kind::Str => Value::Str(get(key, value)?),
+        // A JSON string is parsed; anything else must be JSON already (a dict, a bool, ...).
+        Kind::Json if value.is_instance_of::<PyString>() => {
+            let text: String = get(key, value)?;
+            Value::Json(
+                serde_json::from_str(&text).map_err(|e| PyValueError::new_err(format!("{key}: not JSON: {e}")))?,
+            )
+        }
+        Kind::Json => Value::Json(to_json(value, key)?),
     })
 }
 

@@ -207,10 +207,10 @@ impl GenerationResult {
 impl GenerationResult {
     fn __repr__(&self) -> String {
         format!(
-            "GenerationResult(text={:?}, tokens={}, finish_reason={:?}, ttft={:.4}s, decode={:.1} tok/s)",
+            "GenerationResult(text={:?}, tokens={}, finish_reason={}, ttft={:.4}s, decode={:.1} tok/s)",
             self.text,
             self.token_ids.len(),
-            self.finish_reason,
+            self.finish_reason.map_or("None".to_string(), |f| format!("'{f}'")),
             self.time_to_first_token,
             self.decode_tokens_per_s
         )

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any, Callable, Dict, Mapping
 
 from granite_rs._granite_rs import GENERATION_KEYWORDS
@@ -20,8 +22,28 @@ _SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
 # than their type's. A list keyword is a repeatable flag named in the singular, one item per use.
 _SHORT_FLAGS = {"max_new_tokens": "-n", "temperature": "-t"}
 _METAVARS = {"temperature": "T", "top_k": "K", "top_p": "P", "min_p": "P", "seed": "S"}
-_TYPE_METAVARS = {"int": "N", "float": "X", "strs": "TEXT", "ints": "ID"}
-_CONVERTERS: Dict[str, Callable[[str], Any]] = {"int": int, "float": float, "strs": str, "ints": int}
+_TYPE_METAVARS = {"int": "N", "float": "X", "strs": "TEXT", "ints": "ID", "str": "TEXT", "json": "FILE"}
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _read_json(path: str) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{path} is not JSON: {e}") from None
+
+
+_CONVERTERS: Dict[str, Callable[[str], Any]] = {
+    "int": int, "float": float, "strs": str, "ints": int, "str": str, "json": _read_json,
+}
+# Keywords whose value the command line reads from a file.
+_FROM_FILE: Dict[str, Callable[[str], Any]] = {"grammar": _read_text}
 _LISTS = ("strs", "ints")
 
 _OFFERED = [keyword for keyword in GENERATION_KEYWORDS if keyword["name"] not in _NOT_OFFERED]
@@ -75,7 +97,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=dest, action="store_const", const=True, help=_help(keyword))
         else:
             flags = (_SHORT_FLAGS[name], flag) if name in _SHORT_FLAGS else (flag,)
+            convert = _FROM_FILE.get(name, _CONVERTERS[kind])
+            metavar = "FILE" if name in _FROM_FILE else _METAVARS.get(name, _TYPE_METAVARS[kind])
             g.add_argument(*flags, dest=dest, action="append" if kind in _LISTS else "store",
-                           type=_CONVERTERS[kind], metavar=_METAVARS.get(name, _TYPE_METAVARS[kind]),
-                           help=_help(keyword))
+                           type=convert, metavar=metavar, help=_help(keyword))
     g.add_argument("--stats", action="store_true", help="print token count, time to first token and speed to stderr")
