@@ -151,3 +151,21 @@ def test_a_template_without_bounds_is_stopped_and_the_model_stays_usable(tmp_pat
     with pytest.raises(ValueError, match=needle):
         g.apply_chat_template(CHAT)
     assert g.generate("hello", **GREEDY)
+
+
+def test_granite_3_tool_calls_are_a_list_after_the_marker(tmp_path):
+    """A template naming <|tool_call|> asks for Granite 3.x's format; the tiny fixture model writes
+    nonsense, but constrained to a call it writes a valid one."""
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}{# calls: <|tool_call|>[...] #}"
+    g = Generator(with_template(tmp_path, "mha_tied", template))
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "color": {"enum": ["red", "blue"]}},
+        "required": ["n", "color"], "additionalProperties": False}}}]
+    for seed in range(3):
+        r = g.chat(CHAT, tools=tools, tool_choice="required", max_new_tokens=200, details=True, do_sample=True, seed=seed)
+        assert r.finish_reason == "stop", r.text
+        assert len(r.tool_calls) == 1 and r.tool_calls[0]["name"] == "pick", r.text
+        args = r.tool_calls[0]["arguments"]
+        assert set(args) == {"n", "color"} and 0 <= args["n"] <= 9 and args["color"] in ("red", "blue")
+        assert r.content == ""

@@ -217,3 +217,65 @@ def test_cli_flags(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "granite_rs", "generate", "--json-schema", str(tmp_path / "none"), "x"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": NAME, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "search", "description": "Searches the web.", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string", "maxLength": 40},
+                                         "limit": {"type": "integer", "minimum": 1, "maximum": 10}},
+        "required": ["query"], "additionalProperties": False}}},
+]
+SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_required_tool_calls_are_valid_calls(smol, mode):
+    r = smol.chat(ASK, tools=TOOLS, tool_choice="required", max_new_tokens=120, details=True, **MODES[mode])
+    assert r.finish_reason == "stop", r.text
+    assert r.content == "" and len(r.tool_calls) == 1, r.text
+    (call,) = r.tool_calls
+    validate(SCHEMA_OF[call["name"]], json.dumps(call["arguments"]))
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "search"}}, {"name": "search"}])
+def test_a_named_function_is_the_one_called(smol, choice):
+    for seed in range(3):
+        r = smol.chat(ASK, tools=TOOLS, tool_choice=choice, max_new_tokens=120, details=True, do_sample=True, seed=seed)
+        assert [c["name"] for c in r.tool_calls] == ["search"], r.text
+        validate(SCHEMA_OF["search"], json.dumps(r.tool_calls[0]["arguments"]))
+
+
+def test_streams_report_tool_calls_when_complete(smol):
+    kw = dict(tools=TOOLS, tool_choice="required", max_new_tokens=120)
+    expected = smol.chat(ASK, details=True, **kw)
+    stream = smol.stream_chat(ASK, **kw)
+    assert stream.tool_calls == []
+    seen = []
+    for _ in stream:
+        seen.append(len(stream.tool_calls))
+    assert seen[0] == 0 and seen[-1] == 1
+    assert stream.tool_calls == expected.tool_calls
+
+
+def test_auto_leaves_the_text_free_and_reports_what_is_there(smol):
+    r = smol.chat(ASK, tools=TOOLS, max_new_tokens=20, details=True)
+    assert r.tool_calls == [] and r.content == r.text.strip()
+    assert smol.chat(ASK, tools=TOOLS, tool_choice="none", max_new_tokens=20) == r.text
+    plain = smol.chat(ASK, max_new_tokens=5, details=True)
+    assert plain.tool_calls is None and plain.content is None
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(tool_choice="required"), "needs tools"),
+    (dict(tools=TOOLS, tool_choice={"name": "nowhere"}), "not among tools"),
+    (dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice must be"),
+    (dict(tools=TOOLS, tool_choice="required", regex="a"), "cannot be combined with regex"),
+    (dict(tools=[{"type": "function", "function": {"description": "no name"}}], tool_choice="required"), "no function name"),
+])
+def test_bad_tool_choices_are_value_errors(smol, kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        smol.chat(ASK, max_new_tokens=4, **kw)

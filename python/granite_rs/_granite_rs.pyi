@@ -112,6 +112,9 @@ class TextStream(Iterator[str]):
     @property
     def finish_reason(self) -> Optional[Literal["eos", "stop", "length"]]:
         """Why the generation ended, or None while it runs."""
+    @property
+    def tool_calls(self) -> Optional[list[dict[str, Any]]]:
+        """For ``stream_chat`` with ``tools``: the tool calls complete so far; otherwise None."""
 
 @final
 class GenerationResult:
@@ -141,6 +144,12 @@ class GenerationResult:
     @property
     def decode_tokens_per_s(self) -> float:
         """New tokens after the first, per second."""
+    @property
+    def content(self) -> Optional[str]:
+        """For ``chat`` with ``tools``: the text outside the tool calls; otherwise None."""
+    @property
+    def tool_calls(self) -> Optional[list[dict[str, Any]]]:
+        """For ``chat`` with ``tools``: ``[{"name": str, "arguments": dict}]``; otherwise None."""
 
 @disjoint_base
 class _Generates:
@@ -165,6 +174,7 @@ class _Generates:
         *,
         tools: Optional[Sequence[Mapping[str, Any]]] = None,
         documents: Optional[Sequence[Mapping[str, Any]]] = None,
+        tool_choice: Union[Literal["auto", "none", "required"], Mapping[str, Any], None] = None,
         chat_template_kwargs: Optional[Mapping[str, Any]] = None,
         details: Literal[False] = False,
         **kwargs: Any,
@@ -183,6 +193,17 @@ class _Generates:
         templates. A keyword one typo from a generation keyword raises TypeError ("did you mean");
         a template variable of such a name goes in ``chat_template_kwargs``.
 
+        With ``tools``, the model's tool calls are read back: ``details=True`` results carry
+        ``tool_calls`` (``[{"name": str, "arguments": dict}]``) and ``content`` (the text outside
+        them), and a stream's ``tool_calls`` lists those complete so far. The format is the one
+        the template asks for: Granite 3.x's ``<|tool_call|>[{...}]`` when the template names
+        ``<|tool_call|>``, else ``<tool_call>{...}</tool_call>`` (Granite 4.0, Hermes).
+        ``tool_choice`` is OpenAI's: "auto" (default) and "none" leave the text free; "required",
+        or a function (``{"type": "function", "function": {"name": ...}}`` or ``{"name": ...}``),
+        constrains the answer to exactly one call, of that function or any, whose arguments are
+        valid under its ``parameters`` schema (not combinable with ``json_schema``, ``regex`` or
+        ``grammar``).
+
         Raises:
             TypeError: a value that is not JSON (the message names where it is).
             ValueError: a template that fails (its message), runs past 50 million instructions
@@ -195,6 +216,7 @@ class _Generates:
         *,
         tools: Optional[Sequence[Mapping[str, Any]]] = None,
         documents: Optional[Sequence[Mapping[str, Any]]] = None,
+        tool_choice: Union[Literal["auto", "none", "required"], Mapping[str, Any], None] = None,
         chat_template_kwargs: Optional[Mapping[str, Any]] = None,
         details: Literal[True],
         **kwargs: Any,
@@ -205,6 +227,7 @@ class _Generates:
         *,
         tools: Optional[Sequence[Mapping[str, Any]]] = None,
         documents: Optional[Sequence[Mapping[str, Any]]] = None,
+        tool_choice: Union[Literal["auto", "none", "required"], Mapping[str, Any], None] = None,
         chat_template_kwargs: Optional[Mapping[str, Any]] = None,
         **kwargs: Any,
     ) -> TextStream:

@@ -20,6 +20,7 @@ use crate::model::span::Logits;
 use crate::text::chat::ChatTemplate;
 use crate::text::token_env::TokenEnv;
 use crate::text::tokenizer::Tokenizer;
+use crate::text::tool_calls::{ToolCall, ToolFormat};
 
 /// What a model's own files say about it, for people (`granite-rs info`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -175,6 +176,13 @@ impl Generator {
             Ok(factory)
         });
         made.as_ref().map_err(|e| Error::Unsupported(e.clone()))
+    }
+
+    /// The tool calls in `new_tokens` (read with special tokens, an end-of-sequence token left
+    /// out), written in `format`, and the text outside them.
+    pub fn tool_calls(&self, new_tokens: &[u32], format: ToolFormat) -> Result<(String, Vec<ToolCall>)> {
+        let ids: Vec<u32> = new_tokens.iter().copied().filter(|t| !self.eos_token_ids.contains(t)).collect();
+        Ok(format.parse(&self.tokenizer.decode(&ids, false)?))
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {

@@ -15,11 +15,13 @@ use super::params::{generate_params, generate_params_rows, split_chat_kwargs};
 use super::run::{lock, watched, GenerationResult, Running, TextStream};
 use crate::config::{dtype_name, parse_dtype, Family};
 use crate::error::{Error, Result};
+use crate::generation::constraint::Grammar;
 use crate::generation::model;
 use crate::generation::params::GenerateParams;
 use crate::generation::session;
 use crate::loading::quantization::{Precision, Quantization};
 use crate::text::chat::{JsonMap, Message};
+use crate::text::tool_calls::{ToolChoice, ToolFormat};
 
 fn device(name: &str) -> Result<Device> {
     let ordinal = match name {
@@ -100,75 +102,146 @@ impl Generates {
         })?)
     }
 
-    /// Runs to the end with Ctrl-C honoured; the text, or a GenerationResult with `details`.
-    /// The new text, its ids with `ids_only`, or a GenerationResult when `details` is set.
+    /// Runs to the end with Ctrl-C honoured: the new text, its ids with `ids_only`, or a
+    /// GenerationResult when `details` is set (with the tool calls read in `tools`' format).
     fn run(
         &self,
         py: Python<'_>,
         prompt: Vec<u32>,
-        kwargs: Option<&Bound<'_, PyDict>>,
+        options: GenerateParams,
         ids_only: bool,
+        tools: Option<ToolFormat>,
     ) -> PyResult<Py<PyAny>> {
-        let options = generate_params(&self.generator, kwargs)?;
         let mut running = self.start(prompt, &options)?;
         let cancel = running.generation().cancel_flag();
         let text = watched(py, &cancel, || running.generation().run())?;
         let g = running.get();
         match (options.details, ids_only) {
-            (true, _) => GenerationResult::new(g, text, g.new_tokens().to_vec()).into_py_any(py),
+            (true, _) => {
+                let result = GenerationResult::new(g, text, g.new_tokens().to_vec());
+                let tool_calls = tools.map(|f| self.generator.tool_calls(g.new_tokens(), f)).transpose()?;
+                result.with_tool_calls(py, tool_calls)?.into_py_any(py)
+            }
             (false, true) => g.new_tokens().into_py_any(py),
             (false, false) => text.into_py_any(py),
         }
     }
 
-    fn open_stream(&self, prompt: Vec<u32>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<TextStream> {
-        Ok(TextStream::new(self.start(prompt, &generate_params(&self.generator, kwargs)?)?))
+    fn open_stream(
+        &self,
+        prompt: Vec<u32>,
+        options: GenerateParams,
+        tools: Option<ToolFormat>,
+    ) -> PyResult<TextStream> {
+        let tools = tools.map(|f| (self.generator.clone(), f));
+        Ok(TextStream::new(self.start(prompt, &options)?, tools))
     }
+
+    /// A chat call's options, and the format its tool calls are read in when it has `tools`: with
+    /// `tool_choice` "required" or a function, the text is constrained to valid calls.
+    fn chat_options(
+        &self,
+        generation: Option<&Bound<'_, PyDict>>,
+        vars: &JsonMap,
+        tool_choice: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(GenerateParams, Option<ToolFormat>)> {
+        let mut options = generate_params(&self.generator, generation)?;
+        let choice = tool_choice.map(parse_tool_choice).transpose()?.unwrap_or(ToolChoice::Auto);
+        let tools = match vars.get("tools") {
+            Some(serde_json::Value::Array(tools)) if !tools.is_empty() => tools,
+            _ if choice != ToolChoice::Auto => {
+                return Err(PyValueError::new_err("tool_choice other than \"auto\" or \"none\" needs tools"))
+            }
+            _ => return Ok((options, None)),
+        };
+        let source = self.generator.chat_template().map_or("", |t| t.source());
+        let format = ToolFormat::of_template(source);
+        if choice != ToolChoice::Auto {
+            if let Some(other) = &options.grammar {
+                return Err(PyValueError::new_err(format!(
+                    "tool_choice constrains the text to tool calls; it cannot be combined with {}",
+                    other.keyword()
+                )));
+            }
+            let tokenizer = self.generator.tokenizer();
+            let lark = format.grammar(tools, &choice, |marker| tokenizer.is_special(marker))?;
+            options.grammar = Some(Grammar::Lark(lark));
+        }
+        Ok((options, Some(format)))
+    }
+}
+
+/// OpenAI's `tool_choice`: "auto" or "none" (nothing constrained), "required", or a function
+/// as `{"type": "function", "function": {"name": ...}}` or `{"name": ...}`.
+fn parse_tool_choice(choice: &Bound<'_, PyAny>) -> PyResult<ToolChoice> {
+    let invalid = || {
+        PyValueError::new_err(
+            "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+        )
+    };
+    if let Ok(word) = choice.extract::<String>() {
+        return match word.as_str() {
+            "auto" | "none" => Ok(ToolChoice::Auto),
+            "required" => Ok(ToolChoice::Required),
+            _ => Err(invalid()),
+        };
+    }
+    let value = to_json(choice, "tool_choice")?;
+    let spec = value.get("function").unwrap_or(&value);
+    let name = spec.get("name").and_then(serde_json::Value::as_str).ok_or_else(invalid)?;
+    Ok(ToolChoice::Function(name.to_string()))
 }
 
 #[pymethods]
 impl Generates {
     #[pyo3(signature = (prompt, **kwargs))]
     fn generate(&self, py: Python<'_>, prompt: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
-        self.run(py, self.encode(py, prompt)?, kwargs, false)
+        self.run(py, self.encode(py, prompt)?, generate_params(&self.generator, kwargs)?, false, None)
     }
 
     #[pyo3(signature = (ids, **kwargs))]
     fn generate_ids(&self, py: Python<'_>, ids: Vec<i64>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
-        self.run(py, self.generator.check_ids(&ids)?, kwargs, true)
+        let ids = self.generator.check_ids(&ids)?;
+        self.run(py, ids, generate_params(&self.generator, kwargs)?, true, None)
     }
 
     #[pyo3(signature = (prompt, **kwargs))]
     fn stream(&self, py: Python<'_>, prompt: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<TextStream> {
-        self.open_stream(self.encode(py, prompt)?, kwargs)
+        self.open_stream(self.encode(py, prompt)?, generate_params(&self.generator, kwargs)?, None)
     }
 
-    #[pyo3(signature = (messages, *, tools = None, documents = None, chat_template_kwargs = None, **kwargs))]
+    #[pyo3(signature = (messages, *, tools = None, documents = None, tool_choice = None, chat_template_kwargs = None, **kwargs))]
+    #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
         py: Python<'_>,
         messages: &Bound<'_, PyAny>,
         tools: Option<&Bound<'_, PyAny>>,
         documents: Option<&Bound<'_, PyAny>>,
+        tool_choice: Option<&Bound<'_, PyAny>>,
         chat_template_kwargs: Option<&Bound<'_, PyDict>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         let (generation, vars) = chat_args(tools, documents, chat_template_kwargs, kwargs)?;
-        self.run(py, self.chat_ids(py, messages, &vars)?, generation.as_ref(), false)
+        let (options, format) = self.chat_options(generation.as_ref(), &vars, tool_choice)?;
+        self.run(py, self.chat_ids(py, messages, &vars)?, options, false, format)
     }
 
-    #[pyo3(signature = (messages, *, tools = None, documents = None, chat_template_kwargs = None, **kwargs))]
+    #[pyo3(signature = (messages, *, tools = None, documents = None, tool_choice = None, chat_template_kwargs = None, **kwargs))]
+    #[allow(clippy::too_many_arguments)]
     fn stream_chat(
         &self,
         py: Python<'_>,
         messages: &Bound<'_, PyAny>,
         tools: Option<&Bound<'_, PyAny>>,
         documents: Option<&Bound<'_, PyAny>>,
+        tool_choice: Option<&Bound<'_, PyAny>>,
         chat_template_kwargs: Option<&Bound<'_, PyDict>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TextStream> {
         let (generation, vars) = chat_args(tools, documents, chat_template_kwargs, kwargs)?;
-        self.open_stream(self.chat_ids(py, messages, &vars)?, generation.as_ref())
+        let (options, format) = self.chat_options(generation.as_ref(), &vars, tool_choice)?;
+        self.open_stream(self.chat_ids(py, messages, &vars)?, options, format)
     }
 }
 

@@ -5,9 +5,11 @@
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, PyTuple};
+use pyo3::IntoPyObjectExt;
 use serde_json::Value;
 
 use crate::text::chat::JsonMap;
+use crate::text::tool_calls::ToolCall;
 
 /// Nesting deeper than this is refused (a list that contains itself would never end).
 const MAX_DEPTH: usize = 64;
@@ -85,6 +87,41 @@ fn convert(value: &Bound<'_, PyAny>, path: &str, depth: usize) -> PyResult<Value
         "{path}: {} is not JSON (a dict, list, str, int, float, bool or None)",
         type_name(value)
     )))
+}
+
+/// JSON as Python values: dicts (in key order), lists, str, int, float, bool and None.
+pub fn to_py(py: Python<'_>, value: &Value) -> PyResult<Py<PyAny>> {
+    Ok(match value {
+        Value::Null => py.None(),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any().unbind(),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.into_py_any(py)?,
+            (None, Some(u)) => u.into_py_any(py)?,
+            _ => n.as_f64().unwrap_or(f64::NAN).into_py_any(py)?,
+        },
+        Value::String(text) => text.into_py_any(py)?,
+        Value::Array(items) => {
+            PyList::new(py, items.iter().map(|v| to_py(py, v)).collect::<PyResult<Vec<_>>>()?)?.into_any().unbind()
+        }
+        Value::Object(fields) => {
+            let dict = PyDict::new(py);
+            for (key, item) in fields {
+                dict.set_item(key, to_py(py, item)?)?;
+            }
+            dict.into_any().unbind()
+        }
+    })
+}
+
+/// Tool calls as a list of `{"name": str, "arguments": dict}`.
+pub fn tool_calls_to_py(py: Python<'_>, calls: &[ToolCall]) -> PyResult<Py<PyAny>> {
+    let calls = calls.iter().map(|c| {
+        let dict = PyDict::new(py);
+        dict.set_item("name", &c.name)?;
+        dict.set_item("arguments", to_py(py, &Value::Object(c.arguments.clone()))?)?;
+        Ok(dict)
+    });
+    Ok(PyList::new(py, calls.collect::<PyResult<Vec<_>>>()?)?.into_any().unbind())
 }
 
 fn type_name(value: &Bound<'_, PyAny>) -> String {

@@ -9,12 +9,14 @@ use std::time::Duration;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 
+use super::json::tool_calls_to_py;
 use crate::error::{Error, Result};
 use crate::generation::model::Generator;
 use crate::generation::params::GenerateParams;
 use crate::generation::sequence::Sequence;
 use crate::generation::session::Session;
 use crate::generation::stopping::FinishReason;
+use crate::text::tool_calls::{ToolCall, ToolFormat};
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -113,12 +115,14 @@ pub fn watched<T: Send>(py: Python<'_>, cancel: &AtomicBool, work: impl FnOnce()
 pub struct TextStream {
     running: Mutex<Running>,
     cancel: Arc<AtomicBool>,
+    /// For a chat with tools: the model, and the format its tool calls are read in.
+    tools: Option<(Arc<Generator>, ToolFormat)>,
 }
 
 impl TextStream {
-    pub fn new(mut running: Running) -> Self {
+    pub fn new(mut running: Running, tools: Option<(Arc<Generator>, ToolFormat)>) -> Self {
         let cancel = running.generation().cancel_flag();
-        Self { running: Mutex::new(running), cancel }
+        Self { running: Mutex::new(running), cancel, tools }
     }
 }
 
@@ -160,6 +164,15 @@ impl TextStream {
     fn finish_reason(&self) -> Option<&'static str> {
         lock(&self.running).finish_reason().map(|f| f.as_str())
     }
+
+    /// For a chat with tools, the tool calls complete so far; else None.
+    #[getter]
+    fn tool_calls(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let Some((generator, format)) = &self.tools else { return Ok(None) };
+        let tokens = lock(&self.running).new_tokens().to_vec();
+        let (_, calls) = py.detach(|| generator.tool_calls(&tokens, *format))?;
+        tool_calls_to_py(py, &calls).map(Some)
+    }
 }
 
 /// What `generate(..., details=True)` returns.
@@ -182,6 +195,9 @@ pub struct GenerationResult {
     time_to_first_token: f64,
     /// New tokens after the first, per second.
     decode_tokens_per_s: f64,
+    /// For a chat with tools: the text outside the tool calls, and the calls.
+    content: Option<String>,
+    tool_calls: Option<Py<PyAny>>,
 }
 
 impl GenerationResult {
@@ -199,7 +215,18 @@ impl GenerationResult {
             cached_tokens: t.cached_tokens,
             time_to_first_token: t.time_to_first_token.as_secs_f64(),
             decode_tokens_per_s: if decode_s > 0.0 { decoded as f64 / decode_s } else { 0.0 },
+            content: None,
+            tool_calls: None,
         }
+    }
+
+    /// With the text outside the tool calls and the calls, for a chat with tools.
+    pub fn with_tool_calls(mut self, py: Python<'_>, found: Option<(String, Vec<ToolCall>)>) -> PyResult<Self> {
+        if let Some((content, calls)) = found {
+            self.content = Some(content);
+            self.tool_calls = Some(tool_calls_to_py(py, &calls)?);
+        }
+        Ok(self)
     }
 }
 

@@ -27,4 +27,9 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         Ok(self.0.decode(ids, skip_special_tokens)?)
     }
+
+    /// Whether `text` is one special token of the vocabulary (`<|tool_call|>`, say).
+    pub fn is_special(&self, text: &str) -> bool {
+        self.0.get_added_tokens_decoder().values().any(|t| t.special && t.content == text)
+    }
 }
