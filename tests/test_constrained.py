@@ -219,6 +219,19 @@ def test_cli_flags(tmp_path):
     assert bad.returncode == 2 and "cannot read" in bad.stderr
 
 
+def test_cli_chat_tools(tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    for choice, names in [("required", set(SCHEMA_OF)), ("search", {"search"})]:
+        out = subprocess.run([sys.executable, "-m", "granite_rs", "chat", "--tools", str(tools), "--tool-choice", choice],
+                             input="What is the weather in Paris?\n", capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        call = json.loads(out.stderr.strip().splitlines()[-1])
+        assert call["name"] in names
+        validate(SCHEMA_OF[call["name"]], json.dumps(call["arguments"]))
+        assert "<tool_call>" in out.stdout
+
+
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
         "type": "object", "properties": {"city": NAME, "unit": {"enum": ["celsius", "fahrenheit"]}},

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Dict, List
+from pathlib import Path
+from typing import Any, Dict, List
 
 from .common import FORMATTER, PROG, USER_ERRORS, CliError, add_model_options, load_generator, one_line
 from .options import add_generation_options, generation_kwargs
@@ -27,6 +29,7 @@ examples:
   granite-rs chat
   granite-rs -m ./granite-3.1-2b-instruct chat --system "You are a helpful assistant." -t 0.7 --sample
   printf 'Hi!\\nWhat did I just say?\\n' | granite-rs chat -n 64
+  granite-rs chat --tools tools.json --tool-choice required   # calls as JSON lines on stderr
 """
 
 
@@ -37,13 +40,41 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
     p.add_argument("--prompt-string", default=">>> ", metavar="TEXT",
                    help="the input prompt shown on a terminal (%(default)r)")
+    p.add_argument("--tools", metavar="FILE", type=_read_tools,
+                   help="a JSON list of function specs (as OpenAI and transformers write them) the template offers "
+                        "the model; each tool call the model makes is printed to stderr as one JSON line")
+    p.add_argument("--tool-choice", metavar="CHOICE", default=None,
+                   help="auto (default), none, required (one valid call), or a function's name (one call of it)")
     add_generation_options(p)
     add_model_options(p, suppress=True)
     p.set_defaults(func=run)
 
 
+def _read_tools(path: str) -> List[Any]:
+    try:
+        tools = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{path} is not JSON: {e}") from None
+    if not isinstance(tools, list):
+        raise argparse.ArgumentTypeError(f"{path} must hold a JSON list of function specs")
+    return list(tools)
+
+
+def _tool_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.tools is None:
+        if args.tool_choice is not None:
+            raise CliError("--tool-choice needs --tools")
+        return {}
+    choice = args.tool_choice
+    if choice is not None and choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    return {"tools": args.tools, "tool_choice": choice}
+
+
 def run(args: argparse.Namespace) -> int:
-    kw = generation_kwargs(args)
+    kw = {**generation_kwargs(args), **_tool_kwargs(args)}
     g, path, _ = load_generator(args)
     try:
         g.apply_chat_template([{"role": "user", "content": "hi"}])
@@ -93,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             stream = session.stream_chat(messages, **kw)
             outcome = stream_to(stream, sys.stdout)
+            calls = (stream.tool_calls or []) if args.tools is not None else []
             del stream
         except BrokenPipeError:
             raise
@@ -115,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         if outcome.interrupted and interactive:
             print("(answer stopped)", file=sys.stderr, flush=True)
+        for call in calls:
+            print(json.dumps(call, ensure_ascii=False), file=sys.stderr, flush=True)
         if args.stats:
             print_stats(outcome)
         messages.append({"role": "assistant", "content": outcome.text})
