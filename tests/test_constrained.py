@@ -292,3 +292,9 @@ def test_auto_leaves_the_text_free_and_reports_what_is_there(smol):
 def test_bad_tool_choices_are_value_errors(smol, kw, needle):
     with pytest.raises(ValueError, match=needle):
         smol.chat(ASK, max_new_tokens=4, **kw)
+
+
+def test_the_grammar_time_is_reported(smol):
+    r = smol.generate("Count:", regex=r"\d{5}", max_new_tokens=8, details=True)
+    assert 0 < r.constraint_time < r.time_to_first_token + len(r.token_ids) / r.decode_tokens_per_s
+    assert smol.generate("Count:", max_new_tokens=8, details=True).constraint_time == 0

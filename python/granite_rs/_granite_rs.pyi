@@ -145,6 +145,10 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float:
         """New tokens after the first, per second."""
     @property
+    def constraint_time(self) -> float:
+        """Seconds spent on ``json_schema``, ``regex`` or ``grammar``: computing each token's
+        mask and moving the grammar's matcher past the token (0 without one)."""
+    @property
     def content(self) -> Optional[str]:
         """For ``chat`` with ``tools``: the text outside the tool calls; otherwise None."""
     @property

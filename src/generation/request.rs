@@ -34,6 +34,8 @@ pub struct Timings {
     pub time_to_first_token: Duration,
     /// From the first new token to the last.
     pub decode_time: Duration,
+    /// Spent on the grammar: computing each token's mask and moving the matcher past the token.
+    pub constraint_time: Duration,
 }
 
 pub struct Request {
@@ -147,7 +149,9 @@ impl Request {
             self.finish = Some(FinishReason::Stop);
         }
         if let Some(constraint) = &mut self.constraint {
+            let start = Instant::now();
             constraint.advance(token)?;
+            self.timings.constraint_time += start.elapsed();
             // The token that completes the grammar is part of the text.
             if constraint.is_complete() {
                 self.finish.get_or_insert(FinishReason::Stop);
@@ -175,7 +179,9 @@ impl Request {
         check_finite(&logits, dtype)?;
         let raw = top_logprobs.map(|_| log_softmax(&logits));
         if let Some(constraint) = &mut self.constraint {
+            let start = Instant::now();
             constraint.apply(&mut logits)?;
+            self.timings.constraint_time += start.elapsed();
         }
         let (prompt, generated) = self.tokens.split_at(self.prompt_len);
         let token = self.sampler.sample(&mut logits, prompt, generated)?;

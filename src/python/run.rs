@@ -195,6 +195,8 @@ pub struct GenerationResult {
     time_to_first_token: f64,
     /// New tokens after the first, per second.
     decode_tokens_per_s: f64,
+    /// Seconds spent on json_schema, regex or grammar: the token masks and the matcher.
+    constraint_time: f64,
     /// For a chat with tools: the text outside the tool calls, and the calls.
     content: Option<String>,
     tool_calls: Option<Py<PyAny>>,
@@ -215,6 +217,7 @@ impl GenerationResult {
             cached_tokens: t.cached_tokens,
             time_to_first_token: t.time_to_first_token.as_secs_f64(),
             decode_tokens_per_s: if decode_s > 0.0 { decoded as f64 / decode_s } else { 0.0 },
+            constraint_time: t.constraint_time.as_secs_f64(),
             content: None,
             tool_calls: None,
         }
