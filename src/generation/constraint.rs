@@ -1,7 +1,10 @@
 //! Constrained decoding: a request's grammar (a JSON schema, a regex or a Lark grammar) as an
 //! llguidance matcher, which masks every token that cannot continue a match before sampling.
 
+use std::time::{Duration, Instant};
+
 use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::SimpleVob;
 use llguidance::{Matcher, ParserFactory};
 
 use crate::error::{Error, Result};
@@ -52,6 +55,10 @@ fn with_layout(schema: &serde_json::Value) -> serde_json::Value {
 pub struct Constraint {
     matcher: Matcher,
     keyword: &'static str,
+    /// The mask for the next token, computed ahead (`prepare`) while the forward runs.
+    next: Option<SimpleVob>,
+    /// Time spent on masks and steps, overlapped with a forward or not.
+    time: Duration,
 }
 
 impl Constraint {
@@ -66,13 +73,27 @@ impl Constraint {
             .map_err(|e| invalid(e.to_string()))?;
         let mut matcher = Matcher::new(Ok(parser));
         // A grammar that matches nothing shows only when its first mask is computed.
-        matcher.compute_mask().map_err(|e| invalid(e.to_string()))?;
-        Ok(Self { matcher, keyword })
+        let start = Instant::now();
+        let first = matcher.compute_mask().map_err(|e| invalid(e.to_string()))?;
+        Ok(Self { matcher, keyword, next: Some(first), time: start.elapsed() })
+    }
+
+    /// Computes the next token's mask now (a driver calls this while the forward runs).
+    pub fn prepare(&mut self) -> Result<()> {
+        if self.next.is_none() && !self.matcher.is_stopped() {
+            let start = Instant::now();
+            let mask = self.matcher.compute_mask().map_err(|e| self.failed(e));
+            self.time += start.elapsed();
+            self.next = Some(mask?);
+        }
+        Ok(())
     }
 
     /// Sets the logits of every token the grammar does not allow next to -inf.
     pub fn apply(&mut self, logits: &mut [f32]) -> Result<()> {
-        let mask = self.matcher.compute_mask().map_err(|e| self.failed(e))?;
+        self.prepare()?;
+        let start = Instant::now();
+        let mask = self.next.take().expect("prepare leaves a mask");
         let mut allowed = 0;
         for (i, x) in logits.iter_mut().enumerate() {
             if mask.is_allowed(i as u32) {
@@ -81,6 +102,7 @@ impl Constraint {
                 *x = f32::NEG_INFINITY;
             }
         }
+        self.time += start.elapsed();
         if allowed == 0 {
             return Err(Error::invalid(format!("{}: no token of this model can continue the text", self.keyword)));
         }
@@ -89,7 +111,16 @@ impl Constraint {
 
     /// Moves the matcher past `token`.
     pub fn advance(&mut self, token: u32) -> Result<()> {
-        self.matcher.consume_token(token).map_err(|e| self.failed(e))
+        let start = Instant::now();
+        let stepped = self.matcher.consume_token(token).map_err(|e| self.failed(e));
+        self.time += start.elapsed();
+        self.next = None;
+        stepped
+    }
+
+    /// Time spent on masks and steps so far.
+    pub fn time(&self) -> Duration {
+        self.time
     }
 
     /// Whether the grammar allows nothing more: the text is a complete match.

@@ -149,9 +149,8 @@ impl Request {
             self.finish = Some(FinishReason::Stop);
         }
         if let Some(constraint) = &mut self.constraint {
-            let start = Instant::now();
             constraint.advance(token)?;
-            self.timings.constraint_time += start.elapsed();
+            self.timings.constraint_time = constraint.time();
             // The token that completes the grammar is part of the text.
             if constraint.is_complete() {
                 self.finish.get_or_insert(FinishReason::Stop);
@@ -179,9 +178,7 @@ impl Request {
         check_finite(&logits, dtype)?;
         let raw = top_logprobs.map(|_| log_softmax(&logits));
         if let Some(constraint) = &mut self.constraint {
-            let start = Instant::now();
             constraint.apply(&mut logits)?;
-            self.timings.constraint_time += start.elapsed();
         }
         let (prompt, generated) = self.tokens.split_at(self.prompt_len);
         let token = self.sampler.sample(&mut logits, prompt, generated)?;
@@ -189,6 +186,11 @@ impl Request {
             self.logprobs.push(token_logprob(&raw, token, n));
         }
         Ok(token)
+    }
+
+    /// The grammar, for a driver to compute its next mask while the forward runs.
+    pub fn constraint_mut(&mut self) -> Option<&mut Constraint> {
+        self.constraint.as_mut().filter(|_| self.finish.is_none())
     }
 
     /// Whether certain text is waiting, or all of it has been taken.

@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::generation::model::Generator;
 use crate::generation::params::GenerateParams;
 use crate::generation::request::{Request, Timings, TokenLogprob};
@@ -95,7 +95,18 @@ impl Sequence {
         self.request.start_clock();
         let opts = ForwardOptions { cancel: Some(&self.cancel) };
         let mut spans = [Span { tokens: &self.pending, cache: Some(&mut self.cache), logits: Logits::Last }];
-        let logits = self.generator.model().forward_spans(&mut spans, &opts)?;
+        let model = self.generator.model();
+        // A grammar's next mask depends only on the tokens so far: it is computed beside the forward.
+        let (logits, prepared) = match self.request.constraint_mut() {
+            None => (model.forward_spans(&mut spans, &opts), Ok(())),
+            Some(constraint) => std::thread::scope(|scope| {
+                let mask = scope.spawn(|| constraint.prepare());
+                let logits = model.forward_spans(&mut spans, &opts);
+                (logits, mask.join().unwrap_or_else(|_| Err(Error::Numerical("the grammar's matcher panicked".into()))))
+            }),
+        };
+        let logits = logits?;
+        prepared?;
         let token = self.request.step(&logits[0].squeeze(0)?)?;
         self.pending = vec![token];
         Ok(Some(token))
