@@ -91,9 +91,11 @@ impl Constraint {
 
     /// Sets the logits of every token the grammar does not allow next to -inf.
     pub fn apply(&mut self, logits: &mut [f32]) -> Result<()> {
-        self.prepare()?;
         let start = Instant::now();
-        let mask = self.next.take().expect("prepare leaves a mask");
+        let mask = match self.next.take() {
+            Some(mask) => mask,
+            None => self.matcher.compute_mask().map_err(|e| self.failed(e))?,
+        };
         let mut allowed = 0;
         for (i, x) in logits.iter_mut().enumerate() {
             if mask.is_allowed(i as u32) {
