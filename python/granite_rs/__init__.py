@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Mapping
+from os import PathLike
+from typing import Any, Mapping, Optional, Union
 
 from granite_rs import _granite_rs
 from granite_rs._granite_rs import GenerationResult, GraniteError, Session, TextStream, __version__
+from granite_rs.hub import local_path
 
 __all__ = ["Generator", "GenerationResult", "GraniteError", "Session", "TextStream", "aiterate", "__version__"]
 
@@ -37,6 +39,15 @@ async def aiterate(stream: TextStream) -> AsyncIterator[str]:
 
 class Generator(_granite_rs.Generator):
     __doc__ = _granite_rs.Generator.__doc__
+
+    def __new__(cls, model: Union[str, PathLike[str]], *, filename: Optional[str] = None,
+                revision: Optional[str] = None, **kwargs: Any) -> Generator:
+        """Loads ``model``: a local HF model directory or ``.gguf`` file, or an HF Hub id
+        (``"ibm-granite/granite-3.3-2b-instruct"``; with ``filename="*Q4_K_M.gguf"`` the one file
+        of a GGUF repository it matches; ``revision`` a branch, tag or commit), found in the local
+        HF cache or downloaded into it (see ``granite_rs.hub``). ``kwargs`` are the native
+        ``Generator``'s: ``device``, ``dtype``, ``quantize``, ..."""
+        return super().__new__(cls, local_path(model, filename, revision), **kwargs)
 
     def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
         """``stream`` as an async iterator (see ``aiterate``)."""

@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional, Union, final, overload, type_check_on
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import TypedDict, Unpack, disjoint_base
+from typing_extensions import Self, TypedDict, Unpack, disjoint_base
 
 __all__ = [
     "DTYPE_NAMES", "GENERATION_KEYWORDS", "GenerationResult", "Generator", "GraniteError", "MATMUL_PRECISIONS", "QUANTIZE_NAMES", "Session",
@@ -302,7 +302,7 @@ class Generator(_Generates):
         num_threads: Optional[int] = None,
         matmul_precision: Optional[Literal["fast", "int8", "exact"]] = None,
         kv_cache_bytes: Optional[int] = None,
-    ) -> Generator: ...
+    ) -> Self: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

