@@ -115,6 +115,10 @@ class TextStream(Iterator[str]):
     @property
     def tool_calls(self) -> Optional[list[dict[str, Any]]]:
         """For ``stream_chat`` with ``tools``: the tool calls complete so far; otherwise None."""
+    @property
+    def content(self) -> Optional[str]:
+        """For ``stream_chat`` with ``tools``: the text so far outside the complete tool calls;
+        otherwise None."""
 
 @final
 class GenerationResult:

@@ -168,10 +168,24 @@ impl TextStream {
     /// For a chat with tools, the tool calls complete so far; else None.
     #[getter]
     fn tool_calls(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        match self.read_tool_calls(py)? {
+            Some((_, calls)) => tool_calls_to_py(py, &calls).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// For a chat with tools, the text so far outside the complete tool calls; else None.
+    #[getter]
+    fn content(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        Ok(self.read_tool_calls(py)?.map(|(content, _)| content))
+    }
+}
+
+impl TextStream {
+    fn read_tool_calls(&self, py: Python<'_>) -> Result<Option<(String, Vec<ToolCall>)>> {
         let Some((generator, format)) = &self.tools else { return Ok(None) };
         let tokens = lock(&self.running).new_tokens().to_vec();
-        let (_, calls) = py.detach(|| generator.tool_calls(&tokens, *format))?;
-        tool_calls_to_py(py, &calls).map(Some)
+        py.detach(|| generator.tool_calls(&tokens, *format)).map(Some)
     }
 }
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import granite_rs
 
-from . import bench, chat, convert, generate, info
+from . import bench, chat, convert, generate, info, serve
 from .common import DEFAULT_MODEL_INSTALL, FORMATTER, PROG, USER_ERRORS, CliError, add_model_options, one_line
 from .streaming import stream_to
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {granite_rs.__version__}")
     add_model_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for command in (generate, chat, bench, info, convert):
+    for command in (generate, chat, bench, info, convert, serve):
         command.add_parser(sub)
     return parser
 
