@@ -1,15 +1,18 @@
-"""generate_batch against one request alone, on the embedded model (or any --model).
+"""Many requests against one request alone, on the embedded model (or any --model).
 
     python scripts/bench_batch.py [--model PATH] [--rows 8] [--new-tokens 64] [--reps 3]
 
 Eight prompts of different lengths (chat-formatted questions), each generating --new-tokens
 tokens (ignore_eos). Prints the tokens/s of one request alone (the first prompt), of the prompts
-one after another, and of generate_batch over all of them; then whether every batch row equals
-the same prompt generated alone, greedy and with one seed per row. Medians of --reps runs,
-alternated; the CPU's model name is printed with the figures.
+one after another, of one `generate` per prompt from as many threads at once (the scheduler
+batches them), and of generate_batch over all of them; for the threads, how much slower each
+request's decode is than alone's (the slowest, and the median); then whether every batch row
+equals the same prompt generated alone, greedy and with one seed per row. Medians of --reps
+runs, alternated; the CPU's model name is printed with the figures.
 """
 
 import argparse
+import concurrent.futures
 import platform
 import statistics
 import sys
@@ -59,8 +62,19 @@ def main():
           f"CPU: {cpu_name()}, {args.threads or 'default'} threads")
     print(f"{len(prompts)} prompts of {lens} tokens, {args.new_tokens} new tokens each")
 
-    runs = [("alone", lambda: g.generate(prompts[0], **kw)),
+    pool = concurrent.futures.ThreadPoolExecutor(len(prompts))
+    decode_rates: dict[str, list[float]] = {"alone": [], "threads": []}
+
+    def alone_run():
+        decode_rates["alone"].append(g.generate(prompts[0], details=True, **kw).decode_tokens_per_s)
+
+    def threads_run():
+        results = list(pool.map(lambda p: g.generate(p, details=True, **kw), prompts))
+        decode_rates["threads"].extend(r.decode_tokens_per_s for r in results)
+
+    runs = [("alone", alone_run),
             ("one by one", lambda: [g.generate(p, **kw) for p in prompts]),
+            (f"{len(prompts)} threads", threads_run),
             ("generate_batch", lambda: g.generate_batch(prompts, **kw))]
     runs = [r for r in runs if not (args.quick and r[0] == "one by one")]
     times = {name: [] for name, _ in runs}
@@ -75,6 +89,10 @@ def main():
         n = args.new_tokens * (1 if name == "alone" else len(prompts))
         rate = n / statistics.median(ts)
         print(f"  {name:15s} {rate:8.1f} tokens/s  ({rate / alone:.2f}x one request)")
+    alone_decode = statistics.median(decode_rates["alone"])
+    slowdowns = sorted(alone_decode / r for r in decode_rates["threads"])
+    print(f"  each thread's decode vs alone ({alone_decode:.1f} tokens/s): slowest {slowdowns[-1]:.2f}x slower, "
+          f"median {statistics.median(slowdowns):.2f}x")
 
     if args.quick:
         return

@@ -51,6 +51,10 @@ pub enum Error {
     #[error("numerical error: {0}")]
     Numerical(String),
 
+    /// The scheduler could not run a step that this generation shared with others.
+    #[error("generation failed: {0}")]
+    Batch(String),
+
     /// The caller cancelled the work (a flag set from another thread).
     #[error("cancelled")]
     Cancelled,

@@ -1,9 +1,10 @@
 """One Generator shared by many Python threads: the same results as alone, no crash, no deadlock,
 the GIL free while the work runs, sessions independent, and a busy session a clear error.
 
-What is shared: a Generator is immutable; each call has its own KV cache, so calls on one
-Generator run in parallel. A Session holds one cache: a second call while one runs raises
-ValueError ("busy") at once, in any thread, rather than queueing.
+What is shared: every call has its own KV cache, and one scheduler per Generator runs them all
+together, one forward per step over every running call (continuous batching). A Session holds
+one cache: a second call while one runs raises ValueError ("busy") at once, in any thread, rather
+than queueing.
 """
 
 from __future__ import annotations
@@ -188,3 +189,32 @@ def test_a_finished_stream_frees_its_session(gen):
     assert s.cached_ids == gen.encode("The quick") + stream.token_ids[:-1]
     assert next(stream, None) is None
     assert s.generate("The quick", **GREEDY) == text == gen.generate("The quick", **GREEDY)
+
+
+def test_concurrent_calls_share_forwards(slow):
+    """Calls from threads join one batch: far fewer forwards than tokens, and each call's tokens
+    are those it gets alone, greedy and seeded."""
+    new = 48
+    kw = [dict(max_new_tokens=new, ignore_eos=True, **({} if i % 2 else dict(do_sample=True, seed=i)))
+          for i in range(THREADS)]
+    alone = [slow.generate(PROMPTS[i], **kw[i]) for i in range(THREADS)]
+    before = slow.scheduler_stats
+    together = run_threads(lambda i: slow.generate(PROMPTS[i], **kw[i]))
+    after = slow.scheduler_stats
+    assert together == alone
+    steps = after["steps"] - before["steps"]
+    assert steps < THREADS * new / 2, f"{steps} forwards for {THREADS} calls of {new} tokens: not batched"
+    assert after["tokens"] - before["tokens"] >= THREADS * new
+    assert (after["running"], after["waiting"]) == (0, 0)
+
+
+def test_calls_wait_for_room_in_the_kv_cache(tmp_path_factory):
+    """With a pool too small for all calls at once, threads take turns: none fails, each gets
+    what it gets alone, and every block comes back."""
+    d = make_checkpoint(tmp_path_factory.mktemp("small_pool") / "m", max_position_embeddings=4096)
+    positions = Generator(d).model_info["kv_cache_bytes"] // Generator(d).model_info["kv_cache_positions"]
+    g = Generator(d, kv_cache_bytes=6 * 16 * positions)  # 96 positions: one or two calls at a time
+    kw = dict(max_new_tokens=40, ignore_eos=True, do_sample=True)
+    alone = [g.generate(PROMPTS[i], seed=i, **kw) for i in range(THREADS)]
+    assert run_threads(lambda i: g.generate(PROMPTS[i], seed=i, **kw)) == alone
+    assert g.model_info["kv_cache_free_positions"] == 96

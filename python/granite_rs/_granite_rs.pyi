@@ -377,6 +377,12 @@ class Generator(_Generates):
         ``kv_block_positions``; with Mamba2 layers, ``ssm_state_bytes`` (one
         sequence's state, outside ``kv_cache_bytes``) and ``ssm_checkpoints`` (the copies of it
         each sequence keeps at most, besides the state itself)."""
+    @property
+    def scheduler_stats(self) -> dict[str, int]:
+        """The scheduler every generation of this model runs on (continuous batching): ``running``
+        (requests in the batch now), ``waiting`` (for room in the KV cache), ``steps`` (forwards so
+        far, each over every running request), ``tokens`` (what those forwards computed) and
+        ``prefill_chunk`` (prompt tokens a request feeds per step)."""
 
 @final
 class Session(_Generates):

@@ -9,6 +9,7 @@ pub(crate) mod model;
 pub mod params;
 pub(crate) mod request;
 pub mod sampling;
+pub mod scheduler;
 pub(crate) mod sequence;
 pub(crate) mod session;
 pub(crate) mod stopping;

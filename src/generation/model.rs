@@ -11,6 +11,7 @@ use crate::config::GraniteConfig;
 use crate::error::{Error, Result};
 use crate::generation::defaults::GenerationDefaults;
 use crate::generation::sampling::check_finite;
+use crate::generation::scheduler::{Scheduler, SchedulerStats};
 use crate::generation::threads::pin_thread_count;
 use crate::loading::gguf::Gguf;
 use crate::loading::quantization::{Precision, Quantization};
@@ -46,6 +47,8 @@ pub struct Generator {
     eos_token_ids: Vec<u32>,
     /// Compiles grammars against our tokenizer; made by the first constrained generation.
     grammars: OnceLock<std::result::Result<ParserFactory, String>>,
+    /// Runs every generation's forward, started by the first.
+    scheduler: OnceLock<std::result::Result<Scheduler, String>>,
 }
 
 /// How a model is loaded, beyond its path and device.
@@ -136,7 +139,16 @@ impl Generator {
             }
         }
         let tokenizer = Arc::new(tokenizer);
-        Ok(Self { model, info, tokenizer, defaults, chat_template, eos_token_ids, grammars: OnceLock::new() })
+        Ok(Self {
+            model,
+            info,
+            tokenizer,
+            defaults,
+            chat_template,
+            eos_token_ids,
+            grammars: OnceLock::new(),
+            scheduler: OnceLock::new(),
+        })
     }
 
     pub fn model(&self) -> &Granite {
@@ -176,6 +188,17 @@ impl Generator {
             Ok(factory)
         });
         made.as_ref().map_err(|e| Error::Unsupported(e.clone()))
+    }
+
+    /// The scheduler every generation runs on (continuous batching), started on first use.
+    pub(crate) fn scheduler(self: &Arc<Self>) -> Result<&Scheduler> {
+        let started = self.scheduler.get_or_init(|| Scheduler::start(Arc::downgrade(self)).map_err(|e| e.to_string()));
+        started.as_ref().map_err(|e| Error::Batch(e.clone()))
+    }
+
+    /// What the scheduler is doing and has done (all zero before the first generation).
+    pub fn scheduler_stats(&self) -> SchedulerStats {
+        self.scheduler.get().and_then(|s| s.as_ref().ok()).map_or_else(SchedulerStats::default, Scheduler::stats)
     }
 
     /// The tool calls in `new_tokens` (read with special tokens, an end-of-sequence token left

@@ -26,15 +26,17 @@ impl Session {
     /// Starts a generation on the session's cache; hand it back with `finish`. Bad arguments
     /// leave the session as it was.
     pub fn start(&mut self, prompt: Vec<u32>, params: GenerateParams) -> Result<Sequence> {
-        Sequence::check(&self.generator, &prompt, &params)?;
+        let cache = self.cache.as_ref().ok_or_else(Self::busy)?;
+        let (request, common) = Sequence::continuing(&self.generator, cache, &self.cached, prompt, params)?;
         let cache = self.cache.take().ok_or_else(Self::busy)?;
-        let cached = std::mem::take(&mut self.cached);
-        Sequence::resume(self.generator.clone(), cache, &cached, prompt, params)
+        self.cached.clear();
+        Sequence::start_from(&self.generator, request, cache, common)
     }
 
     /// Takes the cache back from a generation that `start` began, finished or not.
     pub fn finish(&mut self, generation: Sequence) {
-        let (cache, tokens) = generation.into_cache();
+        let (cache, tokens) =
+            generation.into_cache().unwrap_or_else(|| (self.generator.model().new_cache(), Vec::new()));
         self.cache = Some(cache);
         self.cached = tokens;
     }

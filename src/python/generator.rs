@@ -352,10 +352,10 @@ impl Generator {
         }
         let ids =
             py.detach(|| prompts.iter().map(|p| self.inner.tokenizer().encode(p, true)).collect::<Result<Vec<_>>>())?;
-        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let rows = ids.into_iter().zip(options).collect();
         let outputs =
-            watched(py, &cancel, || crate::generation::batch::generate_batch(&self.inner, rows, Some(&cancel)))?;
+            watched(py, &cancel, || crate::generation::batch::generate_batch(&self.inner, rows, cancel.clone()))?;
         Ok(outputs.into_iter().map(|o| o.text).collect())
     }
 
@@ -460,6 +460,19 @@ impl Generator {
             d.set_item("ssm_state_bytes", shape.bytes())?;
             d.set_item("ssm_checkpoints", crate::model::ssm_state::CHECKPOINTS)?;
         }
+        Ok(d)
+    }
+
+    /// What the scheduler that batches every generation is doing and has done.
+    #[getter]
+    fn scheduler_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.scheduler_stats();
+        let d = PyDict::new(py);
+        d.set_item("running", s.running)?;
+        d.set_item("waiting", s.waiting)?;
+        d.set_item("steps", s.steps)?;
+        d.set_item("tokens", s.tokens)?;
+        d.set_item("prefill_chunk", crate::generation::scheduler::PREFILL_CHUNK)?;
         Ok(d)
     }
 

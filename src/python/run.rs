@@ -218,7 +218,7 @@ pub struct GenerationResult {
 
 impl GenerationResult {
     pub fn new(g: &Sequence, text: String, token_ids: Vec<u32>) -> Self {
-        let t = g.timings();
+        let t = &g.timings();
         let decode_s = t.decode_time.as_secs_f64();
         let decoded = token_ids.len().saturating_sub(1);
         Self {
