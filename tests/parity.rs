@@ -116,7 +116,7 @@ fn cached_logits_equal_uncached() {
         let mut parts = vec![model.forward(&row(&ids[..split]), Some(&mut cache), Logits::All).unwrap()];
         for id in &ids[split..] {
             other.reserve(1).unwrap();
-            other.advance(other.capacity() - other.len());
+            other.append(&vec![0; other.capacity() - other.len()]);
             parts.push(model.forward(&row(&[*id]), Some(&mut cache), Logits::All).unwrap());
         }
         let stepped = Tensor::cat(&parts, 1).unwrap().squeeze(0).unwrap();

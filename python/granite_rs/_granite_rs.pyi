@@ -141,7 +141,8 @@ class GenerationResult:
     def prompt_tokens(self) -> int: ...
     @property
     def cached_tokens(self) -> int:
-        """Prompt tokens a session already held, which were not computed again."""
+        """Prompt tokens not computed again: held by a session's cache, or (with
+        ``prefix_caching``) found among the blocks of earlier requests."""
     @property
     def time_to_first_token(self) -> float:
         """Seconds from the start of the call to the first new token."""
@@ -273,8 +274,19 @@ class Generator(_Generates):
     sessions, batch rows), set aside at load in blocks of 16 positions; a sequence takes blocks as
     it grows and gives them back when it ends or is truncated. Default: one sequence of the whole
     context, within 1 and 16 GiB (on the CPU its pages are used only once written).
-    ``model_info`` reports it. When it is full, a ``generate_batch`` row waits for rows before it
-    to finish; another call raises GraniteError saying so.
+    ``model_info`` reports it. A generation starts once the free blocks hold its prompt and
+    ``max_new_tokens`` beside what the running ones may still take; until then it waits.
+
+    ``prefix_caching=True`` turns on automatic prefix caching: every full block of 16 positions is
+    indexed by its tokens and all those before it, and a generation whose prompt starts with
+    tokens computed before (a system prompt, earlier turns, a shared few-shot prefix) takes those
+    blocks instead of computing them; ``GenerationResult.cached_tokens`` counts them. Blocks no
+    sequence holds stay cached until their room is wanted, the least recently used first. It is
+    off by default because reused keys and values were computed in another forward (another
+    request's prompt, or its decode): logits agree with an uncached run to float rounding, but
+    greedy tokens can differ where two are nearly tied, so a request's tokens would depend on
+    what ran before it. Models with Mamba2 layers keep a recurrent state, not per-position keys,
+    and never reuse prefixes.
 
     A Generator is immutable and thread-safe; every call gets its own KV cache, and all model work
     runs with the GIL released.
@@ -306,6 +318,7 @@ class Generator(_Generates):
         num_threads: Optional[int] = None,
         matmul_precision: Optional[Literal["fast", "int8", "exact"]] = None,
         kv_cache_bytes: Optional[int] = None,
+        prefix_caching: bool = False,
     ) -> Self: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""
@@ -373,9 +386,10 @@ class Generator(_Generates):
         select), ``attention_layers`` and ``mamba_layers`` (the mixers), with experts
         ``num_local_experts`` and ``num_experts_per_tok``, beside them ``shared_intermediate_size``,
         and ``trained_context_length``; and the KV cache pool: ``kv_cache_bytes``,
-        ``kv_cache_positions`` (all sequences together), ``kv_cache_free_positions`` (now) and
-        ``kv_block_positions``; with Mamba2 layers, ``ssm_state_bytes`` (one
-        sequence's state, outside ``kv_cache_bytes``) and ``ssm_checkpoints`` (the copies of it
+        ``kv_cache_positions`` (all sequences together), ``kv_cache_free_positions`` (now, cached
+        prefixes that no sequence holds included), ``kv_block_positions``, ``prefix_caching`` and
+        ``kv_cache_idle_cached_positions`` (those cached prefixes); with Mamba2 layers,
+        ``ssm_state_bytes`` (one sequence's state, outside ``kv_cache_bytes``) and ``ssm_checkpoints`` (the copies of it
         each sequence keeps at most, besides the state itself)."""
     @property
     def scheduler_stats(self) -> dict[str, int]:

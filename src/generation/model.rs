@@ -63,6 +63,10 @@ pub struct LoadOptions {
     pub num_threads: Option<usize>,
     /// The KV cache budget of all sequences together (`Granite::load`).
     pub kv_cache_bytes: Option<usize>,
+    /// Requests reuse the KV blocks of prompt starts computed before (`KvPool`); models with
+    /// Mamba2 layers have none to reuse. Off: every request computes its whole prompt, so its
+    /// tokens never depend on what ran before it.
+    pub prefix_caching: bool,
 }
 
 impl Generator {
@@ -132,6 +136,7 @@ impl Generator {
         (dtype, device, opts): (DType, &Device, &LoadOptions),
     ) -> Result<Self> {
         let model = Granite::load(&config, &weights, dtype, device, opts.kv_cache_bytes)?;
+        model.kv_pool().set_prefix_caching(opts.prefix_caching && model.ssm_shape().is_none());
         let mut eos_token_ids = config.eos_token_ids();
         for id in defaults.eos_token_id.iter().flat_map(|e| e.to_vec()) {
             if !eos_token_ids.contains(&id) {

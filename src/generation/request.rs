@@ -104,6 +104,11 @@ impl Request {
         &self.tokens[self.prompt_len..]
     }
 
+    /// Counts `n` more prompt tokens as found in a cache, not computed.
+    pub(crate) fn add_cached(&mut self, n: usize) {
+        self.timings.cached_tokens += n;
+    }
+
     pub fn max_new_tokens(&self) -> usize {
         self.max_new_tokens
     }

@@ -4,6 +4,9 @@
 //! of `PREFILL_CHUNK` tokens for those still reading their prompt. A request's spans depend on it
 //! alone, so its tokens are those it gets alone, whatever else runs beside it.
 //!
+//! A request starts from the KV blocks cached for its prompt's start, if any (prefix caching,
+//! `KvPool`), and computes only the rest.
+//!
 //! Memory: a request starts when the KV pool's free blocks hold the most it may need (prompt and
 //! max_new_tokens) beside what the running requests may still take; until then it waits, in the
 //! order requests came. No request fails for want of room, except one that does not fit an empty pool.
@@ -170,7 +173,11 @@ impl Batch {
             }
             room = room.saturating_sub(need);
             let mut job = self.waiting.remove(0);
-            job.cache.get_or_insert_with(|| model.new_cache());
+            // The prompt's start may be cached already; its last token is computed for its logits.
+            let cache = job.cache.get_or_insert_with(|| model.new_cache());
+            let reused = cache.reuse_prefix(job.request.tokens(), job.request.prompt_len() - 1);
+            job.pending.drain(..reused);
+            job.request.add_cached(reused);
             self.running.push(job);
         }
     }

@@ -216,7 +216,7 @@ impl Granite {
             };
             let (cos, sin) = self.rotary.cos_sin(start, len)?;
             let pos = Positions { cos, sin, mask: causal_mask(start, len, self.dtype, &self.device)? };
-            rows.push(SpanRows { offset: ids.len(), len, pos, slots, cache });
+            rows.push(SpanRows { tokens: span.tokens, offset: ids.len(), len, pos, slots, cache });
             ids.extend_from_slice(span.tokens);
         }
         let packed = PackedRows::new(rows.iter().map(|r| r.len));
@@ -245,7 +245,7 @@ impl Granite {
         }
         for r in &mut rows {
             if let Some(c) = r.cache.as_deref_mut() {
-                c.advance(r.len);
+                c.append(r.tokens);
             }
         }
         // The rows that get logits: each span's last, or all of them.

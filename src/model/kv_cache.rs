@@ -1,6 +1,8 @@
 //! One sequence's cache: its key/value blocks of the shared pool, in position order, and (for
 //! models with Mamba2 layers) its recurrent state. Each forward writes its positions' keys in
-//! place (kernels::rope_write_kv) at the slots the blocks give them.
+//! place (kernels::rope_write_kv) at the slots the blocks give them. With prefix caching, each
+//! full block is indexed in the pool as it fills, and a new sequence starts from the blocks
+//! cached for the start of its prompt (`reuse_prefix`); a shared block is copied before a write.
 
 use std::sync::Arc;
 
@@ -8,6 +10,7 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::model::kv_pool::{KvPool, BLOCK_TOKENS};
+use crate::model::prefix_index::ChainHash;
 use crate::model::ssm_state::{SsmStates, StateShape};
 
 pub struct KvCache {
@@ -16,13 +19,17 @@ pub struct KvCache {
     blocks: Vec<u32>,
     /// Positions filled, the same in every layer between forwards.
     len: usize,
+    /// The tokens of those positions.
+    tokens: Vec<u32>,
+    /// The prefix index's key of each full block (none with prefix caching off).
+    keys: Vec<ChainHash>,
     /// The Mamba2 layers' state, if the model has any.
     ssm: Option<SsmStates>,
 }
 
 impl KvCache {
     pub fn new(pool: Arc<KvPool>, ssm: Option<StateShape>) -> Self {
-        Self { pool, blocks: Vec::new(), len: 0, ssm: ssm.map(SsmStates::new) }
+        Self { pool, blocks: Vec::new(), len: 0, tokens: Vec::new(), keys: Vec::new(), ssm: ssm.map(SsmStates::new) }
     }
 
     pub fn len(&self) -> usize {
@@ -38,8 +45,15 @@ impl KvCache {
         self.blocks.len() * BLOCK_TOKENS
     }
 
-    /// Takes blocks from the pool for `extra` more positions; an error when it is full.
+    /// Takes blocks from the pool for `extra` more positions, and a block of its own for the
+    /// last one filled in part if others may read it; an error when the pool is full.
     pub fn reserve(&mut self, extra: usize) -> Result<()> {
+        let part = self.len / BLOCK_TOKENS;
+        if !self.len.is_multiple_of(BLOCK_TOKENS) && self.pool.is_shared(self.blocks[part]) {
+            let own = self.pool.take(1)?[0];
+            self.pool.copy_block(self.blocks[part], own)?;
+            self.pool.release(&[std::mem::replace(&mut self.blocks[part], own)]);
+        }
         let needed = (self.len + extra).div_ceil(BLOCK_TOKENS).saturating_sub(self.blocks.len());
         if needed > 0 {
             self.blocks.extend(self.pool.take(needed)?);
@@ -82,6 +96,8 @@ impl KvCache {
             Some(s) => s.truncate(self.len, len),
             None => self.len.min(len),
         };
+        self.tokens.truncate(self.len);
+        self.keys.truncate(self.len / BLOCK_TOKENS);
         let keep = self.len.div_ceil(BLOCK_TOKENS);
         if keep < self.blocks.len() {
             self.pool.release(&self.blocks[keep..]);
@@ -91,21 +107,52 @@ impl KvCache {
 
     /// A copy of the filled positions in blocks of its own.
     pub fn try_clone(&self) -> Result<Self> {
-        let mut copy = Self { pool: self.pool.clone(), blocks: Vec::new(), len: 0, ssm: self.ssm.clone() };
+        let mut copy = Self::new(self.pool.clone(), None);
+        copy.ssm = self.ssm.clone();
         copy.reserve(self.len)?;
         for (&src, &dst) in self.blocks.iter().zip(&copy.blocks) {
             self.pool.copy_block(src, dst)?;
         }
-        copy.len = self.len;
+        (copy.len, copy.tokens, copy.keys) = (self.len, self.tokens.clone(), self.keys.clone());
         Ok(copy)
     }
 
-    /// Marks `t` more positions as filled, once every layer has written them.
-    pub fn advance(&mut self, t: usize) {
-        self.len += t;
+    /// Marks `tokens` as filling the next positions, once every layer has written them; indexes
+    /// the blocks this fills.
+    pub fn append(&mut self, tokens: &[u32]) {
+        self.len += tokens.len();
+        self.tokens.extend_from_slice(tokens);
         if let Some(s) = &mut self.ssm {
-            s.commit(self.len, t);
+            s.commit(self.len, tokens.len());
+            return;
         }
+        while self.keys.len() < self.len / BLOCK_TOKENS {
+            let i = self.keys.len();
+            let full = &self.tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
+            let Some(key) = self.pool.index(self.blocks[i], self.keys.last().copied(), full) else { break };
+            self.keys.push(key);
+        }
+    }
+
+    /// Takes the blocks cached for `prompt`'s next whole blocks of tokens, up to `limit`
+    /// positions, if the cache holds `prompt`'s start and ends on a whole block; returns how
+    /// many positions it took. Models with a Mamba2 state take none.
+    pub fn reuse_prefix(&mut self, prompt: &[u32], limit: usize) -> usize {
+        let whole = self.len.is_multiple_of(BLOCK_TOKENS) && self.keys.len() == self.len / BLOCK_TOKENS;
+        if self.ssm.is_some() || !whole || !prompt.starts_with(&self.tokens) {
+            return 0;
+        }
+        let end = limit.min(prompt.len()).max(self.len);
+        let wanted = prompt[self.len..end].chunks_exact(BLOCK_TOKENS);
+        let found = self.pool.take_cached(self.keys.last().copied(), wanted);
+        for (block, key) in found.iter().copied() {
+            self.blocks.push(block);
+            self.keys.push(key);
+        }
+        let n = found.len() * BLOCK_TOKENS;
+        self.tokens.extend_from_slice(&prompt[self.len..self.len + n]);
+        self.len += n;
+        n
     }
 }
 
@@ -134,7 +181,7 @@ mod tests {
         a.reserve(BLOCK_TOKENS + 1)?;
         assert_eq!(a.capacity(), 2 * BLOCK_TOKENS);
         assert_eq!(a.slots(BLOCK_TOKENS + 1), (0..BLOCK_TOKENS as u32 + 1).collect::<Vec<_>>(), "in order alone");
-        a.advance(BLOCK_TOKENS + 1);
+        a.append(&[7; BLOCK_TOKENS + 1]);
         let mut b = KvCache::new(pool.clone(), None);
         b.reserve(1)?;
         a.reserve(BLOCK_TOKENS)?;
@@ -165,7 +212,7 @@ mod tests {
         let pool = pool(4);
         let mut a = KvCache::new(pool.clone(), None);
         a.reserve(BLOCK_TOKENS + 3)?;
-        a.advance(BLOCK_TOKENS + 3);
+        a.append(&[7; BLOCK_TOKENS + 3]);
         let (k, v) = a.layer(1);
         let values = Tensor::arange(0f32, (k.elem_count()) as f32, &Device::Cpu)?.reshape(k.shape())?;
         k.slice_set(&values, 2, 0)?;

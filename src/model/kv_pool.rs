@@ -1,6 +1,8 @@
 //! The memory of every sequence's KV cache, set aside once at load for a byte budget: per layer
 //! one k and one v buffer of fixed blocks of `BLOCK_TOKENS` positions. A sequence takes blocks as
-//! it grows and gives them back when it shrinks or ends, so nothing is copied to grow.
+//! it grows and gives them back when it shrinks or ends, so nothing is copied to grow. With prefix
+//! caching, full blocks are indexed by their tokens (`prefix_index`): sequences with the same
+//! start share them, and a block let go stays cached until its room is wanted.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -9,6 +11,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor, WithDType};
 
 use crate::error::{Error, Result};
+use crate::model::prefix_index::{ChainHash, PrefixIndex};
 
 /// Positions per block.
 pub const BLOCK_TOKENS: usize = 16;
@@ -20,8 +23,25 @@ pub struct KvPool {
     v: Vec<Tensor>,
     blocks: usize,
     block_bytes: usize,
-    /// The free blocks, lowest first: a sequence alone gets its slots in order.
-    free: Mutex<BinaryHeap<Reverse<u32>>>,
+    state: Mutex<Blocks>,
+}
+
+/// Who holds which block.
+struct Blocks {
+    /// The blocks nobody holds and no prefix is cached in, lowest first: a sequence alone gets its
+    /// slots in order.
+    free: BinaryHeap<Reverse<u32>>,
+    /// Per block, the sequences holding it.
+    holders: Vec<u32>,
+    /// None: prefix caching is off.
+    prefixes: Option<PrefixIndex>,
+}
+
+impl Blocks {
+    /// Blocks a sequence may take: free ones and cached ones nobody holds.
+    fn available(&self) -> usize {
+        self.free.len() + self.prefixes.as_ref().map_or(0, PrefixIndex::idle)
+    }
 }
 
 impl KvPool {
@@ -48,8 +68,9 @@ impl KvPool {
         let shape = (1, n_kv_heads, blocks * BLOCK_TOKENS, head_dim);
         let buffers = || (0..layers).map(|_| zeroed(shape, dtype, device)).collect::<Result<Vec<_>>>();
         let (k, v) = (buffers()?, buffers()?);
-        let free = Mutex::new((0..blocks as u32).map(Reverse).collect());
-        Ok(Self { k, v, blocks, block_bytes, free })
+        let free = (0..blocks as u32).map(Reverse).collect();
+        let state = Mutex::new(Blocks { free, holders: vec![0; blocks], prefixes: None });
+        Ok(Self { k, v, blocks, block_bytes, state })
     }
 
     /// The budget in use: whole blocks.
@@ -62,9 +83,30 @@ impl KvPool {
         self.blocks * BLOCK_TOKENS
     }
 
-    /// Positions not held by any sequence.
+    /// Turns automatic prefix caching on or off (off drops what is cached); a model with Mamba2
+    /// layers cannot use it, as its state is not in the blocks.
+    pub fn set_prefix_caching(&self, on: bool) {
+        let mut state = self.lock();
+        if let Some(mut index) = state.prefixes.take() {
+            while let Some(block) = index.evict() {
+                state.free.push(Reverse(block));
+            }
+        }
+        state.prefixes = on.then(|| PrefixIndex::new(self.blocks));
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        self.lock().prefixes.is_some()
+    }
+
+    /// Positions not held by any sequence (cached prefixes nobody holds included).
     pub fn free_positions(&self) -> usize {
-        self.lock().len() * BLOCK_TOKENS
+        self.lock().available() * BLOCK_TOKENS
+    }
+
+    /// Positions of cached prefixes that no sequence holds.
+    pub fn idle_cached_positions(&self) -> usize {
+        self.lock().prefixes.as_ref().map_or(0, PrefixIndex::idle) * BLOCK_TOKENS
     }
 
     /// The storage of `layer`, k and v, each (1, n_kv_heads, capacity, head_dim).
@@ -72,22 +114,80 @@ impl KvPool {
         (&self.k[layer], &self.v[layer])
     }
 
-    /// `n` free blocks, or none and an error that says the pool is full.
+    /// `n` blocks for one sequence, or none and an error that says the pool is full. Free blocks
+    /// go first, then the cached prefixes nobody holds, the least recently used first.
     pub(crate) fn take(&self, n: usize) -> Result<Vec<u32>> {
-        let mut free = self.lock();
-        if free.len() < n {
+        let mut state = self.lock();
+        if state.available() < n {
             return Err(Error::KvCacheFull {
                 needed: n * BLOCK_TOKENS,
-                free: free.len() * BLOCK_TOKENS,
+                free: state.available() * BLOCK_TOKENS,
                 capacity: self.capacity(),
                 bytes: self.bytes(),
             });
         }
-        Ok((0..n).filter_map(|_| free.pop().map(|Reverse(b)| b)).collect())
+        let state = &mut *state;
+        let mut taken = Vec::with_capacity(n);
+        while taken.len() < n {
+            let next = state.free.pop().map(|Reverse(b)| b);
+            let Some(block) = next.or_else(|| state.prefixes.as_mut().and_then(PrefixIndex::evict)) else { break };
+            state.holders[block as usize] = 1;
+            taken.push(block);
+        }
+        Ok(taken)
     }
 
+    /// One sequence lets go of `blocks`, given in position order: an indexed block nobody holds
+    /// stays cached, the last first to go.
     pub(crate) fn release(&self, blocks: &[u32]) {
-        self.lock().extend(blocks.iter().map(|&b| Reverse(b)));
+        let state = &mut *self.lock();
+        for &block in blocks.iter().rev() {
+            let holders = &mut state.holders[block as usize];
+            *holders = holders.saturating_sub(1);
+            if *holders > 0 {
+                continue;
+            }
+            match &mut state.prefixes {
+                Some(index) if index.contains(block) => index.park(block),
+                _ => state.free.push(Reverse(block)),
+            }
+        }
+    }
+
+    /// The blocks cached for `chunks` (full blocks of tokens) after the block keyed `parent`, as
+    /// far as they go, each taken for one more sequence; with their keys.
+    pub(crate) fn take_cached<'t>(
+        &self,
+        mut parent: Option<ChainHash>,
+        chunks: impl Iterator<Item = &'t [u32]>,
+    ) -> Vec<(u32, ChainHash)> {
+        let state = &mut *self.lock();
+        let Some(index) = &mut state.prefixes else { return Vec::new() };
+        let mut found = Vec::new();
+        for tokens in chunks {
+            let Some((block, key)) = index.find(parent, tokens) else { break };
+            let holders = &mut state.holders[block as usize];
+            if *holders == 0 {
+                index.unpark(block);
+            }
+            *holders += 1;
+            found.push((block, key));
+            parent = Some(key);
+        }
+        found
+    }
+
+    /// Indexes a full `block` as holding `tokens` after the block keyed `parent`; returns its key,
+    /// or None when prefix caching is off.
+    pub(crate) fn index(&self, block: u32, parent: Option<ChainHash>, tokens: &[u32]) -> Option<ChainHash> {
+        Some(self.lock().prefixes.as_mut()?.insert(block, parent, tokens))
+    }
+
+    /// Whether others may read `block`: it is indexed, or held by more than one sequence. Such
+    /// a block is never written again.
+    pub(crate) fn is_shared(&self, block: u32) -> bool {
+        let state = self.lock();
+        state.holders[block as usize] > 1 || state.prefixes.as_ref().is_some_and(|i| i.contains(block))
     }
 
     /// Copies block `src` of every layer onto block `dst`.
@@ -99,9 +199,9 @@ impl KvPool {
         Ok(())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BinaryHeap<Reverse<u32>>> {
-        // The heap is valid whatever a panicking holder did: each change is one call.
-        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Blocks> {
+        // No code that runs under the lock panics short of a bug.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

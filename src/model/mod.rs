@@ -1,8 +1,8 @@
 //! The Granite decoder: the forward pass (`granite`, which reads like the paper), its layers
 //! (`layer`: a mixer and a feed-forward), attention, the Mamba2 mixer, the MLP, the mixture of
 //! experts, the causal mask, rotary embeddings, a sequence's cache (`kv_cache`: its blocks of the
-//! shared `kv_pool`, and its Mamba2 state, `ssm_state`), and the projections over every weight
-//! format (`linear`).
+//! shared `kv_pool`, whose full blocks `prefix_index` finds by their tokens, and its Mamba2 state,
+//! `ssm_state`), and the projections over every weight format (`linear`).
 
 mod attention;
 pub(crate) mod granite;
@@ -14,6 +14,7 @@ mod mamba;
 mod mask;
 mod mlp;
 mod moe;
+pub(crate) mod prefix_index;
 pub(crate) mod rope;
 pub(crate) mod span;
 pub mod ssm_state;

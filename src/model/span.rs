@@ -31,6 +31,7 @@ pub(crate) struct Positions {
 
 /// A span inside the forward: its rows among all the spans' rows, its positions and its cache.
 pub(crate) struct SpanRows<'a> {
+    pub(crate) tokens: &'a [u32],
     pub(crate) offset: usize,
     pub(crate) len: usize,
     pub(crate) pos: Positions,

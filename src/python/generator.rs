@@ -274,7 +274,7 @@ pub struct Generator {
 #[pymethods]
 impl Generator {
     #[new]
-    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None, quantize = None, num_threads = None, matmul_precision = None, kv_cache_bytes = None))]
+    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None, quantize = None, num_threads = None, matmul_precision = None, kv_cache_bytes = None, prefix_caching = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -285,12 +285,13 @@ impl Generator {
         num_threads: Option<usize>,
         matmul_precision: Option<&str>,
         kv_cache_bytes: Option<usize>,
+        prefix_caching: bool,
     ) -> PyResult<PyClassInitializer<Self>> {
         let dtype = dtype.map(parse_dtype).transpose()?;
         let quantization = quantize.map(Quantization::parse).transpose()?.unwrap_or_default();
         let precision = matmul_precision.map(Precision::parse).transpose().map_err(Error::invalid)?.unwrap_or_default();
         let dev = self::device(device)?;
-        let opts = model::LoadOptions { dtype, quantization, precision, num_threads, kv_cache_bytes };
+        let opts = model::LoadOptions { dtype, quantization, precision, num_threads, kv_cache_bytes, prefix_caching };
         let inner = py.detach(|| model::Generator::load_with(&model_dir, &dev, &opts))?;
         let inner = Arc::new(inner);
         let base = Generates { generator: inner.clone(), home: None };
@@ -456,6 +457,8 @@ impl Generator {
         d.set_item("kv_cache_positions", pool.capacity())?;
         d.set_item("kv_cache_free_positions", pool.free_positions())?;
         d.set_item("kv_block_positions", crate::model::kv_pool::BLOCK_TOKENS)?;
+        d.set_item("prefix_caching", pool.prefix_caching())?;
+        d.set_item("kv_cache_idle_cached_positions", pool.idle_cached_positions())?;
         if let Some(shape) = model.ssm_shape() {
             d.set_item("ssm_state_bytes", shape.bytes())?;
             d.set_item("ssm_checkpoints", crate::model::ssm_state::CHECKPOINTS)?;

@@ -66,7 +66,7 @@ def _dtype(value: str) -> str:
 
 
 def add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
-    """--model/--device/--dtype/--quantize/--matmul-precision/--threads/--kv-cache-bytes/--quiet; on subcommands with SUPPRESS defaults so that they may be
+    """--model/--device/--dtype/--quantize/--matmul-precision/--threads/--kv-cache-bytes/--prefix-caching/--quiet; on subcommands with SUPPRESS defaults so that they may be
     given before or after the command without one position resetting the other."""
     default = argparse.SUPPRESS if suppress else None
     quantized = ", ".join(name for name in QUANTIZE_NAMES if name != "none")
@@ -95,6 +95,9 @@ def add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--kv-cache-bytes", type=int, metavar="N", default=default,
                    help="memory of the KV cache, all sequences together (default: one sequence of the whole "
                         "context, within 1 and 16 GiB)")
+    g.add_argument("--prefix-caching", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="reuse the KV cache of prompt starts computed before (a system prompt, earlier turns) "
+                        "across requests; logits agree with an uncached run to float rounding")
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="no progress lines or notes on stderr")
 
@@ -217,6 +220,8 @@ def load_generator(args: argparse.Namespace) -> Tuple[Any, Path, float]:
         kwargs["num_threads"] = args.threads
     if getattr(args, "kv_cache_bytes", None) is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
+    if getattr(args, "prefix_caching", False):
+        kwargs["prefix_caching"] = True
     try:
         with Progress(f"loading {path.name}", enabled=not args.quiet) as progress:
             g = granite_rs.Generator(str(path), **kwargs)
