@@ -65,13 +65,17 @@ def gen() -> Generator:
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list()] == ["granite"]
-    assert json.loads(urllib.request.urlopen(server + "/health").read()) == {"status": "ok", "running": 0}
+    h = json.loads(urllib.request.urlopen(server + "/health").read())
+    assert (h["status"], h["running"], h["batch"], h["waiting"]) == ("ok", 0, 0, 0)
+    assert h["kv_cache_free_positions"] > 0
 
 
 def test_greedy_chat_and_completion_equal_the_python_api(client, gen):
     r = client.chat.completions.create(model="granite", messages=MESSAGES, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == gen.chat(MESSAGES, max_new_tokens=12, do_sample=False)
-    assert r.usage.completion_tokens == len(gen.chat(MESSAGES, max_new_tokens=12, do_sample=False, details=True).token_ids)
+    alone = gen.chat(MESSAGES, max_new_tokens=12, do_sample=False, details=True)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (alone.prompt_tokens, len(alone.token_ids))
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
     c = client.completions.create(model="granite", prompt="The fox", max_tokens=10, temperature=0)
     assert c.choices[0].text == gen.generate("The fox", max_new_tokens=10, do_sample=False)
     assert c.choices[0].finish_reason in ("stop", "length")
@@ -85,6 +89,28 @@ def test_streaming_equals_non_streaming(client):
     text = "".join(c.choices[0].text for c in client.completions.create(
         model="granite", prompt="Hi", max_tokens=8, temperature=0, stream=True))
     assert text == client.completions.create(model="granite", prompt="Hi", max_tokens=8, temperature=0).choices[0].text
+
+
+def test_logprobs_equal_the_python_api(client, gen):
+    alone = gen.chat(MESSAGES, max_new_tokens=10, do_sample=False, details=True, top_logprobs=3)
+    kw = dict(model="granite", messages=MESSAGES, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    content = client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx(alone.logprobs, abs=1e-6)
+    assert [t.logprob for e in content for t in e.top_logprobs] == pytest.approx(
+        [v for top in alone.top_logprobs for _, v in top], abs=1e-6)
+    assert [e.token for e in content] == [gen.decode([t], skip_special_tokens=False) for t in alone.token_ids]
+    assert content[0].bytes == list(content[0].token.encode())
+    streamed = [e for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # Completions: logprobs is the number of alternatives.
+    plain = gen.generate("The fox", max_new_tokens=6, do_sample=False, details=True, top_logprobs=2)
+    c = client.completions.create(model="granite", prompt="The fox", max_tokens=6, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(plain.logprobs, abs=1e-6)
+    assert [len(top) for top in lp.top_logprobs] == [2] * len(plain.token_ids)
+    assert "".join(lp.tokens) == c.choices[0].text and lp.text_offset[0] == 0
+    assert client.chat.completions.create(model="granite", messages=MESSAGES, max_tokens=2).choices[0].logprobs is None
 
 
 def test_json_schema_response_format(client):
@@ -117,6 +143,9 @@ def test_sixteen_concurrent_streaming_clients(client, gen):
     (lambda c: c.chat.completions.create(model="granite", messages=[]), 400),
     (lambda c: c.chat.completions.create(model="granite", messages=MESSAGES, top_p=3.0), 400),
     (lambda c: c.completions.create(model="granite", prompt="x " * 5000, max_tokens=4), 400),
+    (lambda c: c.chat.completions.create(model="granite", messages=MESSAGES, logprobs=True, top_logprobs=21), 400),
+    (lambda c: c.chat.completions.create(model="granite", messages=MESSAGES, top_logprobs=2), 400),
+    (lambda c: c.completions.create(model="granite", prompt="x", logprobs=6), 400),
 ])
 def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(client, call, status):
     with pytest.raises(openai.APIStatusError) as e:
@@ -134,6 +163,26 @@ def test_api_key_and_malformed_json(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 400 and json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def test_prefix_caching_reports_cached_tokens():
+    """With --prefix-caching, a second request with the same system prompt computes only its own
+    part, and the usage says how much it found cached."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "granite_rs", "serve", "-m", str(FIXTURE), "--port", str(port),
+                             "--prefix-caching", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=wait_for(f"http://127.0.0.1:{port}", proc) + "/v1", api_key="x",
+                               max_retries=0)
+        system = {"role": "system", "content": "You answer questions about foxes. " * 3}
+        usages = [client.chat.completions.create(model="granite", messages=[system, {"role": "user", "content": q}],
+                                                 max_tokens=4, temperature=0).usage for q in ("Hi", "Why?")]
+        assert usages[0].prompt_tokens_details.cached_tokens == 0
+        assert usages[1].prompt_tokens_details.cached_tokens >= 32
+        assert usages[1].prompt_tokens_details.cached_tokens < usages[1].prompt_tokens
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,18 @@ class TextStream(Iterator[str]):
     def finish_reason(self) -> Optional[Literal["eos", "stop", "length"]]:
         """Why the generation ended, or None while it runs."""
     @property
+    def logprobs(self) -> list[float]:
+        """Each new token's log-probability so far (when ``top_logprobs`` is given, 0 included; else empty)."""
+    @property
+    def top_logprobs(self) -> list[list[tuple[int, float]]]:
+        """Per new token so far, the ``top_logprobs`` most likely (token id, log-probability) pairs."""
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens, once finished (0 before)."""
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens not computed again (a session's cache, or ``prefix_caching``), once finished."""
+    @property
     def tool_calls(self) -> Optional[list[dict[str, Any]]]:
         """For ``stream_chat`` with ``tools``: the tool calls complete so far; otherwise None."""
     @property

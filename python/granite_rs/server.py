@@ -5,7 +5,7 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions``, streaming with server-sent events. Errors have OpenAI's JSON shape and
 status codes. Request bodies are bounded, an API key (``Authorization: Bearer``) is required when
 one is set, and a client that disconnects cancels its generation. Each request runs on its own
-KV cache; requests run side by side, each step of each in turn.
+KV cache; the model's scheduler batches concurrent requests into one forward per step.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -46,7 +46,7 @@ def _number(body: Dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def generation_kwargs(body: Dict[str, Any]) -> Dict[str, Any]:
+def generation_kwargs(body: Dict[str, Any], chat: bool) -> Dict[str, Any]:
     """OpenAI's sampling fields as our keywords. Left out, a value comes from the model's
     generation_config.json; temperature 0 is greedy, any other temperature or top_p samples."""
     kw: Dict[str, Any] = {}
@@ -69,8 +69,9 @@ def generation_kwargs(body: Dict[str, Any]) -> Dict[str, Any]:
         kw["ignore_eos"] = body["ignore_eos"]
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
-    if body.get("logprobs"):
-        raise ApiError(400, "logprobs is not supported yet", param="logprobs")
+    top = logprobs_asked(body, chat)
+    if top is not None:
+        kw["top_logprobs"] = top
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_object":
         kw["json_schema"] = {"type": "object"}
@@ -82,6 +83,28 @@ def generation_kwargs(body: Dict[str, Any]) -> Dict[str, Any]:
     elif fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(400, "response_format type must be text, json_object or json_schema", param="response_format")
     return kw
+
+
+def logprobs_asked(body: Dict[str, Any], chat: bool) -> Optional[int]:
+    """How many alternatives per token the request wants log-probabilities of; None: no
+    log-probabilities. Chat: ``logprobs`` true and ``top_logprobs`` 0 to 20; completions:
+    ``logprobs`` 0 to 5."""
+    if chat:
+        top = _number(body, "top_logprobs", int)
+        if body.get("logprobs") not in (None, False, True):
+            raise ApiError(400, "logprobs must be a boolean", param="logprobs")
+        if not body.get("logprobs"):
+            if top is not None:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        top, most, name = top or 0, 20, "top_logprobs"
+    else:
+        top, most, name = _number(body, "logprobs", int), 5, "logprobs"
+        if top is None:
+            return None
+    if not 0 <= top <= most:
+        raise ApiError(400, f"{name} must be between 0 and {most}", param=name)
+    return top
 
 
 class Server:
@@ -104,7 +127,10 @@ class Server:
         return ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "running": self.running})
+        stats = self.generator.scheduler_stats
+        return JSONResponse({"status": "ok", "running": self.running, "batch": stats["running"],
+                             "waiting": stats["waiting"],
+                             "kv_cache_free_positions": self.generator.model_info["kv_cache_free_positions"]})
 
     async def models(self, request: Request) -> Response:
         try:
@@ -147,16 +173,14 @@ class Server:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ApiError(400, "messages must be a non-empty list", param="messages")
-            kw = generation_kwargs(body)
+            kw = generation_kwargs(body, chat=True)
             tools = body.get("tools")
             if tools:
                 kw.update(tools=tools, tool_choice=body.get("tool_choice"))
             stream = self._open(lambda: self.generator.stream_chat(messages, **kw))
-            prompt_tokens = len(self.generator.encode(self.generator.apply_chat_template(
-                messages, **({"tools": tools} if tools else {})), add_special_tokens=False))
         except ApiError as e:
             return e.response()
-        return await self._respond(request, body, stream, prompt_tokens, chat=True, tools=bool(tools))
+        return await self._respond(request, body, stream, chat=True, tools=bool(tools))
 
     async def completions(self, request: Request) -> Response:
         try:
@@ -164,12 +188,11 @@ class Server:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise ApiError(400, "prompt must be a string", param="prompt")
-            kw = generation_kwargs(body)
+            kw = generation_kwargs(body, chat=False)
             stream = self._open(lambda: self.generator.stream(prompt, **kw))
-            prompt_tokens = len(self.generator.encode(prompt))
         except ApiError as e:
             return e.response()
-        return await self._respond(request, body, stream, prompt_tokens, chat=False, tools=False)
+        return await self._respond(request, body, stream, chat=False, tools=False)
 
     @staticmethod
     def _open(start: Any) -> Any:
@@ -181,11 +204,12 @@ class Server:
         except GraniteError as e:
             raise ApiError(500, str(e), kind="server_error") from None
 
-    async def _respond(self, request: Request, body: Dict[str, Any], stream: Any, prompt_tokens: int,
-                       chat: bool, tools: bool) -> Response:
+    async def _respond(self, request: Request, body: Dict[str, Any], stream: Any, chat: bool,
+                       tools: bool) -> Response:
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        logprobs = logprobs_asked(body, chat) is not None
         if body.get("stream"):
-            events = self._events(request, ident, stream, prompt_tokens, chat, tools,
+            events = self._events(ident, stream, chat, tools, logprobs,
                                   bool((body.get("stream_options") or {}).get("include_usage")))
             return StreamingResponse(events, media_type="text/event-stream")
         text = ""
@@ -198,32 +222,56 @@ class Server:
                     return Response(status_code=499)
         finally:
             self.running -= 1
-        choice, usage = self._final(stream, text, prompt_tokens, chat, tools)
+        choice = self._final(stream, text, chat, tools)
+        if logprobs:
+            choice["logprobs"] = self._logprobs(stream, 0, chat)
         kind = "chat.completion" if chat else "text_completion"
         return JSONResponse({"id": ident, "object": kind, "created": int(time.time()), "model": self.model_id,
-                             "choices": [choice], "usage": usage})
+                             "choices": [choice], "usage": _usage(stream)})
 
-    def _final(self, stream: Any, text: str, prompt_tokens: int, chat: bool,
-               tools: bool) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    def _final(self, stream: Any, text: str, chat: bool, tools: bool) -> Dict[str, Any]:
         finish = "length" if stream.finish_reason == "length" else "stop"
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(stream.token_ids),
-                 "total_tokens": prompt_tokens + len(stream.token_ids)}
         if not chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}, usage
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         message: Dict[str, Any] = {"role": "assistant", "content": text}
         calls = stream.tool_calls if tools else None
         if calls:
             message["content"] = stream.content or None
             message["tool_calls"] = _openai_calls(calls)
             finish = "tool_calls"
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}, usage
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
 
-    async def _events(self, request: Request, ident: str, stream: Any, prompt_tokens: int, chat: bool,
-                      tools: bool, include_usage: bool) -> AsyncIterator[str]:
+    def _logprobs(self, stream: Any, start: int, chat: bool) -> Dict[str, Any]:
+        """The log-probabilities of the new tokens from ``start`` on, as OpenAI writes them."""
+        ids, values, tops = stream.token_ids[start:], stream.logprobs[start:], stream.top_logprobs[start:]
+        words = self._token_texts(ids + [t for top in tops for t, _ in top])
+        if chat:
+            def entry(token: int, value: float) -> Dict[str, Any]:
+                return {"token": words[token], "logprob": value, "bytes": list(words[token].encode())}
+
+            return {"content": [{**entry(t, v), "top_logprobs": [entry(a, w) for a, w in top]}
+                                for t, v, top in zip(ids, values, tops)], "refusal": None}
+        offsets, at = [], 0
+        for t in ids:
+            offsets.append(at)
+            at += len(words[t])
+        return {"tokens": [words[t] for t in ids], "token_logprobs": values,
+                "top_logprobs": [{words[a]: w for a, w in top} for top in tops], "text_offset": offsets}
+
+    def _token_texts(self, ids: List[int]) -> Dict[int, str]:
+        return {t: self.generator.decode([t], skip_special_tokens=False) for t in set(ids)}
+
+    async def _events(self, ident: str, stream: Any, chat: bool, tools: bool, logprobs: bool,
+                      include_usage: bool) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
+        sent = 0  # new tokens whose log-probabilities have gone out
 
-        def event(choice: Dict[str, Any], usage: Optional[Dict[str, int]] = None) -> str:
+        def event(choice: Dict[str, Any], usage: Optional[Dict[str, Any]] = None) -> str:
+            nonlocal sent
+            if choice and logprobs:
+                choice["logprobs"] = self._logprobs(stream, sent, chat)
+                sent = len(stream.token_ids)
             data: Dict[str, Any] = {"id": ident, "object": kind, "created": created, "model": self.model_id,
                                     "choices": [choice] if choice else []}
             if usage is not None:
@@ -243,7 +291,7 @@ class Server:
                                 else {"index": 0, "text": chunk, "logprobs": None, "finish_reason": None})
         finally:
             self.running -= 1
-        choice, usage = self._final(stream, text, prompt_tokens, chat, tools)
+        choice = self._final(stream, text, chat, tools)
         if chat:
             message = choice["message"]
             if tools:
@@ -255,8 +303,16 @@ class Server:
         else:
             yield event({"index": 0, "text": "", "logprobs": None, "finish_reason": choice["finish_reason"]})
         if include_usage:
-            yield event({}, usage)
+            yield event({}, _usage(stream))
         yield "data: [DONE]\n\n"
+
+
+def _usage(stream: Any) -> Dict[str, Any]:
+    """Token counts of a finished stream; ``prompt_tokens_details.cached_tokens`` are those not
+    computed again (``--prefix-caching``)."""
+    prompt, completion = stream.prompt_tokens, len(stream.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": stream.cached_tokens}}
 
 
 def _openai_calls(calls: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use crate::error::{Error, Result};
 use crate::generation::model::Generator;
-use crate::generation::request::Request;
+use crate::generation::request::{Request, TokenLogprob};
 use crate::model::granite::ForwardOptions;
 use crate::model::kv_cache::KvCache;
 use crate::model::kv_pool::BLOCK_TOKENS;
@@ -42,8 +42,9 @@ pub(crate) struct Job {
 
 /// What a job's owner hears.
 pub(crate) enum Event {
-    /// A new token, and the text it made certain (all the rest once the request is finished).
-    Token(u32, String),
+    /// A new token, the text it made certain (all the rest once the request is finished), and
+    /// its log-probabilities if the request asked for them.
+    Token(u32, String, Option<TokenLogprob>),
     /// The end, finished or not: the request, the cache if kept, and the error that ended it.
     Done(Box<Ended>),
 }
@@ -274,8 +275,9 @@ impl Job {
         };
         self.pending.push(token);
         let text = self.request.take_text();
+        let logprob = self.request.logprobs().last().cloned();
         // An owner that has gone away no longer wants the rest.
-        if self.events.send(Event::Token(token, text)).is_err() {
+        if self.events.send(Event::Token(token, text, logprob)).is_err() {
             self.cancel.store(true, Ordering::Relaxed);
         }
         None

@@ -18,8 +18,9 @@ use crate::model::kv_cache::KvCache;
 pub struct Sequence {
     events: Receiver<Event>,
     cancel: Arc<AtomicBool>,
-    /// The new tokens so far.
+    /// The new tokens so far, and their log-probabilities if asked for.
     new_tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
     /// Certain text not handed out yet.
     text: String,
     /// The request and the cache it kept, once the scheduler is done with them.
@@ -95,7 +96,14 @@ impl Sequence {
         let keep_cache = cache.is_some();
         let job = Job { request, cache, keep_cache, pending, cancel: cancel.clone(), events };
         generator.scheduler()?.submit(job)?;
-        Ok(Self { events: received, cancel, new_tokens: Vec::new(), text: String::new(), ended: None })
+        Ok(Self {
+            events: received,
+            cancel,
+            new_tokens: Vec::new(),
+            logprobs: Vec::new(),
+            text: String::new(),
+            ended: None,
+        })
     }
 
     pub fn new_tokens(&self) -> &[u32] {
@@ -107,9 +115,9 @@ impl Sequence {
         self.ended.as_ref().and_then(|e| e.request.finish_reason())
     }
 
-    /// Empty unless `GenerateParams::logprobs` was set, and until the generation has ended.
+    /// Those of the new tokens so far; empty unless `GenerateParams::logprobs` was set.
     pub fn logprobs(&self) -> &[TokenLogprob] {
-        self.ended.as_ref().map_or(&[], |e| e.request.logprobs())
+        &self.logprobs
     }
 
     /// Once the generation has ended; the prompt's length alone before.
@@ -150,8 +158,9 @@ impl Sequence {
             return Ok(false);
         }
         match self.events.recv() {
-            Ok(Event::Token(token, text)) => {
+            Ok(Event::Token(token, text, logprob)) => {
                 self.new_tokens.push(token);
+                self.logprobs.extend(logprob);
                 self.text.push_str(&text);
                 Ok(true)
             }

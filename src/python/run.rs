@@ -13,6 +13,7 @@ use super::json::tool_calls_to_py;
 use crate::error::{Error, Result};
 use crate::generation::model::Generator;
 use crate::generation::params::GenerateParams;
+use crate::generation::request::{Timings, TokenLogprob};
 use crate::generation::sequence::Sequence;
 use crate::generation::session::Session;
 use crate::generation::stopping::FinishReason;
@@ -26,8 +27,16 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Running {
     generation: Option<Sequence>,
     home: Option<Arc<Mutex<Session>>>,
-    /// The new tokens and finish reason of a generation already handed back to its session.
-    returned: (Vec<u32>, Option<FinishReason>),
+    /// What is known of a generation already handed back to its session.
+    returned: Returned,
+}
+
+#[derive(Default)]
+struct Returned {
+    new_tokens: Vec<u32>,
+    finish_reason: Option<FinishReason>,
+    logprobs: Vec<TokenLogprob>,
+    timings: Timings,
 }
 
 impl Running {
@@ -41,7 +50,7 @@ impl Running {
             Some(session) => lock(session).start(prompt, params)?,
             None => Sequence::new(generator.clone(), prompt, params)?,
         };
-        Ok(Self { generation: Some(generation), home, returned: (Vec::new(), None) })
+        Ok(Self { generation: Some(generation), home, returned: Returned::default() })
     }
 
     pub fn generation(&mut self) -> &mut Sequence {
@@ -61,17 +70,30 @@ impl Running {
     fn hand_back(&mut self) {
         let Some(session) = &self.home else { return };
         if let Some(generation) = self.generation.take() {
-            self.returned = (generation.new_tokens().to_vec(), generation.finish_reason());
+            self.returned = Returned {
+                new_tokens: generation.new_tokens().to_vec(),
+                finish_reason: generation.finish_reason(),
+                logprobs: generation.logprobs().to_vec(),
+                timings: generation.timings(),
+            };
             lock(session).finish(generation);
         }
     }
 
     fn new_tokens(&self) -> &[u32] {
-        self.generation.as_ref().map_or(&self.returned.0, Sequence::new_tokens)
+        self.generation.as_ref().map_or(&self.returned.new_tokens, Sequence::new_tokens)
     }
 
     fn finish_reason(&self) -> Option<FinishReason> {
-        self.generation.as_ref().map_or(self.returned.1, Sequence::finish_reason)
+        self.generation.as_ref().map_or(self.returned.finish_reason, Sequence::finish_reason)
+    }
+
+    fn logprobs(&self) -> &[TokenLogprob] {
+        self.generation.as_ref().map_or(&self.returned.logprobs, Sequence::logprobs)
+    }
+
+    fn timings(&self) -> Timings {
+        self.generation.as_ref().map_or_else(|| self.returned.timings.clone(), Sequence::timings)
     }
 }
 
@@ -163,6 +185,30 @@ impl TextStream {
     #[getter]
     fn finish_reason(&self) -> Option<&'static str> {
         lock(&self.running).finish_reason().map(|f| f.as_str())
+    }
+
+    /// Each new token's log-probability so far (when ``top_logprobs`` is given, 0 included; else empty).
+    #[getter]
+    fn logprobs(&self) -> Vec<f32> {
+        lock(&self.running).logprobs().iter().map(|l| l.logprob).collect()
+    }
+
+    /// Per new token so far, the ``top_logprobs`` most likely (token id, log-probability) pairs.
+    #[getter]
+    fn top_logprobs(&self) -> Vec<Vec<(u32, f32)>> {
+        lock(&self.running).logprobs().iter().map(|l| l.top.clone()).collect()
+    }
+
+    /// The prompt's tokens, once finished (0 before).
+    #[getter]
+    fn prompt_tokens(&self) -> usize {
+        lock(&self.running).timings().prompt_tokens
+    }
+
+    /// Prompt tokens not computed again (a session's cache, or prefix caching), once finished.
+    #[getter]
+    fn cached_tokens(&self) -> usize {
+        lock(&self.running).timings().cached_tokens
     }
 
     /// For a chat with tools, the tool calls complete so far; else None.
