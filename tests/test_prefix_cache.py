@@ -166,3 +166,41 @@ def test_concurrent_requests_with_one_system_prompt(tmp_path):
     # Whoever came after the first step found the system prompt cached.
     assert any(r.cached_tokens == 192 for r in results)
     assert g.model_info["kv_cache_free_positions"] == g.model_info["kv_cache_positions"]
+
+
+def test_random_traffic_on_a_small_pool_gives_uncached_answers(tmp_path):
+    """Prompts that share starts of random lengths, run from threads on a pool that holds about
+    three of them, with sessions, truncations and cancelled streams among them: each answer is
+    the uncached one, and once all have ended every block is free or cached, none leaked."""
+    plain = fixture(tmp_path)
+    per_position = plain.model_info["kv_cache_bytes"] // plain.model_info["kv_cache_positions"]
+    g = fixture(tmp_path, prefix_caching=True, kv_cache_bytes=per_position * 24 * BLOCK)
+    rng = np.random.default_rng(30)
+    stems = [ids(g, 70, 31 + i) for i in range(3)]
+    prompts = [stems[rng.integers(3)][: rng.integers(1, 70)] + ids(g, int(rng.integers(1, 20)), 40 + i)
+               for i in range(24)]
+    kw = dict(max_new_tokens=6, ignore_eos=True)
+    expected = [plain.generate_ids(p, **kw) for p in prompts]
+
+    def run(i: int) -> list[int] | None:
+        p = prompts[i]
+        if i % 5 == 3:  # a stream cancelled after its first chunk
+            stream = g.stream(g.decode(p), max_new_tokens=50, ignore_eos=True)
+            next(stream)
+            stream.cancel()
+            list(stream)
+            return None
+        if i % 5 == 4:  # a session that rewinds into its prompt and goes on
+            s = g.session()
+            s.generate_ids(p + [9, 9, 9], max_new_tokens=2, ignore_eos=True)
+            s.truncate(len(p) // 2)
+            return s.generate_ids(p, **kw)
+        return g.generate_ids(p, **kw)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(run, range(len(prompts))))
+    for i, (got, want) in enumerate(zip(results, expected)):
+        assert got is None or got == want, i
+    info = g.model_info
+    assert info["kv_cache_free_positions"] == info["kv_cache_positions"]
+    assert 0 < info["kv_cache_idle_cached_positions"] <= info["kv_cache_positions"]
