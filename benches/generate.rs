@@ -170,7 +170,7 @@ fn decode(c: &mut Criterion, name: &str, model: &Granite) {
     for context in [128usize, 1024, 4096] {
         let mut cache = model.new_cache();
         cache.reserve(context + 1).unwrap();
-        cache.append(&vec![0; context]);
+        cache.append(&vec![0; context], false);
         group.bench_function(BenchmarkId::new("context", context), |b| {
             b.iter(|| {
                 let logits = model.forward(&input, Some(&mut cache), Logits::Last).unwrap();

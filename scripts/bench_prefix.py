@@ -2,7 +2,8 @@
 
     python scripts/bench_prefix.py [--model PATH] [--quantize q8_0] [--system-tokens 1024] [--reps 5]
 
-One Generator with `prefix_caching=True`. A system prompt of about --system-tokens tokens (a
+One Generator with prefix caching as it is by default (exact where it can be; --all: every
+block, `prefix_caching=True`). A system prompt of about --system-tokens tokens (a
 document repeated) followed by one of several short questions, chat-formatted. "uncached": a
 system prompt no request has used before (a number at its start differs each time), so every
 token is computed; "cached": the same system prompt as the request before, so its whole blocks
@@ -36,9 +37,12 @@ def main():
     parser.add_argument("--quantize")
     parser.add_argument("--system-tokens", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--all", action="store_true", help="prefix_caching=True")
     args = parser.parse_args()
     path = args.model or _find_real_model()[0]
-    g = Generator(path, quantize=args.quantize, prefix_caching=True)
+    g = Generator(path, quantize=args.quantize, prefix_caching=True if args.all else None)
+    if g.model_info["prefix_caching"] == "off":
+        sys.exit("prefix caching is off by default for this model on this CPU: pass --all")
     per_copy = len(g.encode(DOCUMENT, add_special_tokens=False))
     copies = max(1, args.system_tokens // per_copy)
 
@@ -60,7 +64,8 @@ def main():
             ttft["cached"].append(r.time_to_first_token)
             cached_tokens.append(r.cached_tokens)
             prompt_tokens.append(r.prompt_tokens)
-    print(f"model: {path.name}{f' quantize={args.quantize}' if args.quantize else ''}; CPU: {cpu_name()}")
+    print(f"model: {path.name}{f' quantize={args.quantize}' if args.quantize else ''}; CPU: {cpu_name()}; "
+          f"prefix caching: {g.model_info['prefix_caching']}")
     print(f"prompts of {min(prompt_tokens)}-{max(prompt_tokens)} tokens; cached: {min(cached_tokens)}-"
           f"{max(cached_tokens)} of them")
     u, c = statistics.median(ttft["uncached"]), statistics.median(ttft["cached"])

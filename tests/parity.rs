@@ -116,7 +116,7 @@ fn cached_logits_equal_uncached() {
         let mut parts = vec![model.forward(&row(&ids[..split]), Some(&mut cache), Logits::All).unwrap()];
         for id in &ids[split..] {
             other.reserve(1).unwrap();
-            other.append(&vec![0; other.capacity() - other.len()]);
+            other.append(&vec![0; other.capacity() - other.len()], false);
             parts.push(model.forward(&row(&[*id]), Some(&mut cache), Logits::All).unwrap());
         }
         let stepped = Tensor::cat(&parts, 1).unwrap().squeeze(0).unwrap();
@@ -177,7 +177,7 @@ fn packed_spans_equal_each_alone() {
             let mut spans: Vec<Span> = seqs
                 .iter()
                 .zip(&mut caches)
-                .map(|((_, tokens, logits), cache)| Span { tokens, cache: Some(cache), logits: *logits })
+                .map(|((_, tokens, logits), cache)| Span { tokens, as_prompt: false, cache: Some(cache), logits: *logits })
                 .collect();
             let packed = model.forward_spans(&mut spans, &ForwardOptions::default()).unwrap();
             for (i, (a, p)) in alone.iter().zip(&packed).enumerate() {

@@ -112,6 +112,56 @@ def test_batch_rows_equal_alone(real_model_gguf, load):
     assert g.generate_batch(prompts, seed=seeds, stop=stop, max_new_tokens=24, **sampled) == alone
 
 
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.parametrize("load", [
+    {},                                          # Q4_1 as stored
+    dict(matmul_precision="exact"),
+    dict(matmul_precision="int8"),
+    dict(quantize="q8_0"),
+    dict(quantize="q4_k"),
+    dict(quantize="bf16"),
+], ids=["q4_1", "exact", "int8", "q8_0", "q4_k", "bf16"])
+def test_cached_prefixes_give_the_bits_of_uncached_prompts(real_model_gguf, load):
+    """Prefix caching as it is by default: a prompt whose start is cached gets the tokens and
+    log-probabilities, to the bit, of the same prompt computed whole, whatever the length of the
+    cached start and of the rest (one token, a few, the rest of a chunk and more). It is on where
+    the prompt products sum each row alike however many rows share them: the bf16 kernels
+    (AVX512-BF16 or AMX) unless matmul_precision="exact", the int8 ones (AVX512-VNNI) with "int8";
+    elsewhere it is off, and prefix_caching=True reuses blocks with logits close to uncached."""
+    precision = load.get("matmul_precision", "fast")
+    g = Generator(real_model_gguf, **load)
+    exact = g.model_info["prefix_caching"] == "exact"
+    if precision == "exact":
+        assert not exact
+    elif "avx512_bf16" in cpu_flags():
+        assert exact
+    # Without the bf16 kernels, "int8" is exact where the int8 ones read every projection.
+    if not exact:
+        g = Generator(real_model_gguf, prefix_caching=True, **load)
+    plain = Generator(real_model_gguf, prefix_caching=False, **load)
+    text = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(40))
+    system = g.encode(text)[:300]
+    kw = dict(max_new_tokens=6, ignore_eos=True, details=True, top_logprobs=2)
+    g.generate_ids(system + [42], **kw)
+    # (prompt, the whole blocks of its start that are cached, all but its last token at most)
+    cases = [(system + [7], 288), (system[:257], 256), (system[:250] + [5] * 30, 240), (system[:33] + [9, 9], 32),
+             (system[:40], 32), (system, 288)]
+    for prompt, cached in cases:
+        got, want = g.generate_ids(prompt, **kw), plain.generate_ids(prompt, **kw)
+        assert got.cached_tokens == cached, (len(prompt), got.cached_tokens)
+        if exact:
+            assert (got.token_ids, got.logprobs, got.top_logprobs) == \
+                (want.token_ids, want.logprobs, want.top_logprobs), (len(prompt), got.cached_tokens)
+        else:
+            assert got.logprobs[0] == pytest.approx(want.logprobs[0], abs=2e-2), (len(prompt), got.cached_tokens)
+
+
 def test_batch_rows_equal_alone_in_any_company(smol):
     """The same prompt gives the same tokens alone, with one other row, and among many."""
     prompts = batch_prompts(smol)

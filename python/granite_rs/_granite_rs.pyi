@@ -289,16 +289,21 @@ class Generator(_Generates):
     ``model_info`` reports it. A generation starts once the free blocks hold its prompt and
     ``max_new_tokens`` beside what the running ones may still take; until then it waits.
 
-    ``prefix_caching=True`` turns on automatic prefix caching: every full block of 16 positions is
-    indexed by its tokens and all those before it, and a generation whose prompt starts with
-    tokens computed before (a system prompt, earlier turns, a shared few-shot prefix) takes those
-    blocks instead of computing them; ``GenerationResult.cached_tokens`` counts them. Blocks no
-    sequence holds stay cached until their room is wanted, the least recently used first. It is
-    off by default because reused keys and values were computed in another forward (another
-    request's prompt, or its decode): logits agree with an uncached run to float rounding, but
-    greedy tokens can differ where two are nearly tied, so a request's tokens would depend on
-    what ran before it. Models with Mamba2 layers keep a recurrent state, not per-position keys,
-    and never reuse prefixes.
+    ``prefix_caching`` is automatic prefix caching: every full block of 16 positions is indexed by
+    its tokens and all those before it, and a generation whose prompt starts with tokens computed
+    before (a system prompt, a shared few-shot prefix) takes those blocks instead of computing
+    them; ``GenerationResult.cached_tokens`` counts them. Blocks no sequence holds stay cached
+    until their room is wanted, the least recently used first. ``None`` (default): on where it is
+    exact, so that a generation's tokens and log-probabilities are, to the bit, those of its
+    prompt computed whole: only blocks computed as a prompt's rows are reused and the rest of
+    the prompt is computed as in the whole, which holds for attention-only models without experts
+    whose prompt products run on the CPU's bf16 kernels (AVX512-BF16 or AMX, ``matmul_precision``
+    other than ``"exact"``) or int8 ones (``"int8"``, AVX512-VNNI); elsewhere off.
+    ``model_info["prefix_caching"]`` says ``"exact"`` or ``"off"``. ``True`` (``"all"``): every
+    block, earlier answers and models with experts included; reused keys and values were then
+    computed in another forward, so logits agree with an uncached run to float rounding (greedy
+    tokens can differ where two are nearly tied). ``False``: off. Models with Mamba2 layers keep
+    a recurrent state, not per-position keys, and never reuse prefixes.
 
     A Generator is immutable and thread-safe; every call gets its own KV cache, and all model work
     runs with the GIL released.
@@ -330,7 +335,7 @@ class Generator(_Generates):
         num_threads: Optional[int] = None,
         matmul_precision: Optional[Literal["fast", "int8", "exact"]] = None,
         kv_cache_bytes: Optional[int] = None,
-        prefix_caching: bool = False,
+        prefix_caching: Optional[bool] = None,
     ) -> Self: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""
@@ -400,7 +405,8 @@ class Generator(_Generates):
         and ``trained_context_length``; and the KV cache pool: ``kv_cache_bytes``,
         ``kv_cache_positions`` (all sequences together), ``kv_cache_free_positions`` (now, cached
         prefixes that no sequence holds included), ``kv_block_positions``, ``prefix_caching`` and
-        ``kv_cache_idle_cached_positions`` (those cached prefixes); with Mamba2 layers,
+        ``kv_cache_idle_cached_positions`` (those cached prefixes; ``prefix_caching`` is "exact",
+        "all" or "off"); with Mamba2 layers,
         ``ssm_state_bytes`` (one sequence's state, outside ``kv_cache_bytes``) and ``ssm_checkpoints`` (the copies of it
         each sequence keeps at most, besides the state itself)."""
     @property

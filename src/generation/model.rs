@@ -17,6 +17,7 @@ use crate::loading::gguf::Gguf;
 use crate::loading::quantization::{Precision, Quantization};
 use crate::loading::safetensors::Weights;
 use crate::model::granite::Granite;
+use crate::model::kv_pool::PrefixReuse;
 use crate::model::span::Logits;
 use crate::text::chat::ChatTemplate;
 use crate::text::token_env::TokenEnv;
@@ -63,10 +64,12 @@ pub struct LoadOptions {
     pub num_threads: Option<usize>,
     /// The KV cache budget of all sequences together (`Granite::load`).
     pub kv_cache_bytes: Option<usize>,
-    /// Requests reuse the KV blocks of prompt starts computed before (`KvPool`); models with
-    /// Mamba2 layers have none to reuse. Off: every request computes its whole prompt, so its
-    /// tokens never depend on what ran before it.
-    pub prefix_caching: bool,
+    /// Whether requests reuse the KV blocks of prompt starts computed before (`KvPool`). None:
+    /// where the reused blocks give every request the bits it gets alone (`PrefixReuse::Exact`:
+    /// attention-only models without experts whose prompt products sum each row alike however
+    /// many rows share them, on the CPU); Some(true): every block, in every model but those with
+    /// Mamba2 layers (`PrefixReuse::All`); Some(false): never.
+    pub prefix_caching: Option<bool>,
 }
 
 impl Generator {
@@ -136,7 +139,17 @@ impl Generator {
         (dtype, device, opts): (DType, &Device, &LoadOptions),
     ) -> Result<Self> {
         let model = Granite::load(&config, &weights, dtype, device, opts.kv_cache_bytes)?;
-        model.kv_pool().set_prefix_caching(opts.prefix_caching && model.ssm_shape().is_none());
+        // Exact where the rest of a prompt computed apart gets the bits of the whole: not with
+        // experts (each takes the decode path by the rows it gets of a span), nor where a
+        // prompt's products sum a row by the number of rows (`Granite::prompt_rows_independent`).
+        let exact = config.experts()?.is_none() && model.prompt_rows_independent();
+        let reuse = match (opts.prefix_caching, model.ssm_shape()) {
+            (Some(false), _) | (_, Some(_)) => PrefixReuse::Off,
+            (Some(true), None) => PrefixReuse::All,
+            (None, None) if exact => PrefixReuse::Exact,
+            (None, None) => PrefixReuse::Off,
+        };
+        model.kv_pool().set_prefix_reuse(reuse);
         let mut eos_token_ids = config.eos_token_ids();
         for id in defaults.eos_token_id.iter().flat_map(|e| e.to_vec()) {
             if !eos_token_ids.contains(&id) {

@@ -21,6 +21,7 @@ use crate::generation::request::{Request, TokenLogprob};
 use crate::model::granite::ForwardOptions;
 use crate::model::kv_cache::KvCache;
 use crate::model::kv_pool::BLOCK_TOKENS;
+use crate::model::linear::GEMV_MAX_ROWS;
 use crate::model::span::{Logits, Span};
 
 /// Prompt tokens one request feeds per step, and (but for the first) all requests together: a
@@ -186,7 +187,7 @@ impl Batch {
     /// One forward over a span of each running job that fits this step; then each job whose
     /// span ended its pending tokens picks its next token.
     fn step(&mut self, generator: &Generator) {
-        let mut chosen = plan(self.running.iter().map(|j| j.pending.len()));
+        let mut chosen = plan(self.running.iter().map(|j| (j.pending.len(), j.cache.as_ref().map_or(0, KvCache::len))));
         // Room for each span's positions; a job that cannot have it ends alone.
         let mut failed = Vec::new();
         chosen.retain(|&(i, n)| {
@@ -237,11 +238,12 @@ impl Batch {
         for (job, n) in self.running.iter_mut().zip(picked) {
             let Some(n) = n else { continue };
             job.request.start_clock();
+            let cache = job.cache.as_mut().expect("a running job has its cache");
+            let as_prompt = reads_as_prompt(cache.len(), job.request.prompt_len());
             if n == job.pending.len() {
                 constraints.extend(job.request.constraint_mut());
             }
-            let cache = job.cache.as_mut().expect("a running job has its cache");
-            spans.push(Span { tokens: &job.pending[..n], cache: Some(cache), logits: Logits::Last });
+            spans.push(Span { tokens: &job.pending[..n], as_prompt, cache: Some(cache), logits: Logits::Last });
         }
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
         self.counters.tokens.fetch_add(chosen.iter().map(|c| c.1).sum(), Ordering::Relaxed);
@@ -285,13 +287,14 @@ impl Job {
 }
 
 /// Which jobs run in a step and how many tokens each feeds, from each running job's pending
-/// count: every decoding job (one token), and prompt chunks of up to `PREFILL_CHUNK` tokens while
-/// they fit `PREFILL_CHUNK` together (the first always runs), oldest job first.
-fn plan(pending: impl Iterator<Item = usize>) -> Vec<(usize, usize)> {
+/// count and cache length: every decoding job (one token), and prompt chunks while they fit
+/// `PREFILL_CHUNK` tokens together (the first always runs), oldest job first. A prompt's chunks
+/// end at multiples of `PREFILL_CHUNK` positions, wherever the prompt's computing starts.
+fn plan(jobs: impl Iterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
     let mut prefill = 0;
     let mut chosen = Vec::new();
-    for (i, n) in pending.enumerate() {
-        let n = n.min(PREFILL_CHUNK);
+    for (i, (n, start)) in jobs.enumerate() {
+        let n = n.min(PREFILL_CHUNK - start % PREFILL_CHUNK);
         if n > 1 {
             if prefill > 0 && prefill + n > PREFILL_CHUNK {
                 continue;
@@ -301,6 +304,15 @@ fn plan(pending: impl Iterator<Item = usize>) -> Vec<(usize, usize)> {
         chosen.push((i, n));
     }
     chosen
+}
+
+/// Whether a prompt's tokens from `start` on are computed as a prompt's rows however few
+/// (`Span::as_prompt`): when the chunk they belong to, from its start at a multiple of
+/// `PREFILL_CHUNK` to the prompt's end at most, is more than decode's rows. The rest of a chunk
+/// whose start came from a cache so gets the bits it gets with the whole chunk.
+fn reads_as_prompt(start: usize, prompt_len: usize) -> bool {
+    let chunk = start - start % PREFILL_CHUNK;
+    start < prompt_len && prompt_len.min(chunk + PREFILL_CHUNK) - chunk > GEMV_MAX_ROWS
 }
 
 /// Tells the owner the job has ended and hands back what it keeps; a cache not kept is back in
@@ -331,14 +343,29 @@ mod tests {
     #[test]
     fn decoding_jobs_run_every_step_beside_one_chunk_of_prompt() {
         const C: usize = PREFILL_CHUNK;
+        let fresh = |pending: &[usize]| plan(pending.iter().map(|&n| (n, 0)));
         // A long prompt feeds one chunk per step; the decoding jobs go on beside it.
-        assert_eq!(plan([1, 3 * C + 5, 1].into_iter()), [(0, 1), (1, C), (2, 1)]);
+        assert_eq!(fresh(&[1, 3 * C + 5, 1]), [(0, 1), (1, C), (2, 1)]);
         // Short prompts share a step while they fit one chunk together; the rest wait a step.
         let short = C / 4;
-        assert_eq!(plan([short; 5].into_iter()), [(0, short), (1, short), (2, short), (3, short)]);
+        assert_eq!(fresh(&[short; 5]), [(0, short), (1, short), (2, short), (3, short)]);
         // A smaller prompt after one that did not fit still may.
-        assert_eq!(plan([C - 10, 20, 10, 1].into_iter()), [(0, C - 10), (2, 10), (3, 1)]);
+        assert_eq!(fresh(&[C - 10, 20, 10, 1]), [(0, C - 10), (2, 10), (3, 1)]);
         // The oldest prompt always runs.
-        assert_eq!(plan([C, C].into_iter()), [(0, C)]);
+        assert_eq!(fresh(&[C, C]), [(0, C)]);
+        // A prompt whose start is cached reads up to the next multiple of C first.
+        assert_eq!(plan([(C + 50, C + 32)].into_iter()), [(0, C - 32)]);
+    }
+
+    #[test]
+    fn the_rest_of_a_cached_chunk_is_read_as_a_prompt() {
+        const C: usize = PREFILL_CHUNK;
+        // Its chunk, 0..C, is a prompt's rows however few of them are left.
+        assert!(reads_as_prompt(C - 1, C + 7));
+        // A chunk of the prompt's last few tokens is read as decode, cached start or not.
+        assert!(!reads_as_prompt(C, C + GEMV_MAX_ROWS) && !reads_as_prompt(C + 3, C + GEMV_MAX_ROWS));
+        assert!(reads_as_prompt(C + 3, C + GEMV_MAX_ROWS + 1));
+        // Past the prompt: decode.
+        assert!(!reads_as_prompt(C + 9, C + 9));
     }
 }

@@ -57,6 +57,7 @@ impl Attention {
             .map(|s| {
                 self.attend(
                     &qkv.narrow(1, s.offset, s.len)?,
+                    s.as_prompt,
                     &s.pos,
                     &s.slots,
                     s.cache.as_deref().map(|c| c.layer(self.kv_layer)),
@@ -70,12 +71,14 @@ impl Attention {
         self.o_proj.forward_packed(&out, packed)
     }
 
-    /// One span's attention: qkv (b, t, n_heads + 2 n_kv_heads, head_dim) -> (b, t, n_heads * head_dim).
+    /// One span's attention: qkv (b, t, n_heads + 2 n_kv_heads, head_dim) -> (b, t, n_heads * head_dim);
+    /// one query as a prompt's (tiled) if `as_prompt`.
     /// With a cache (this layer's k and v storage), the keys of the span's positions go to the
     /// last t of `slots`, and every key is read from there.
     fn attend(
         &self,
         qkv: &Tensor,
+        as_prompt: bool,
         pos: &Positions,
         slots: &[u32],
         cache: Option<(&Tensor, &Tensor)>,
@@ -89,7 +92,7 @@ impl Attention {
             Some((k_cache, v_cache)) => {
                 let new = &slots[slots.len() - t..];
                 let q = kernels::rope_write_kv(&q, &k, &v, &pos.cos, &pos.sin, k_cache, v_cache, new)?;
-                if pos.mask.is_none() && t == 1 {
+                if pos.mask.is_none() && t == 1 && !as_prompt {
                     // One query: attention straight over the cache.
                     let out = kernels::decode_attention(&q, k_cache, v_cache, slots, self.scale)?;
                     return Ok(out.reshape((b, 1, nh * hd))?);

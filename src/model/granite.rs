@@ -125,6 +125,13 @@ impl Granite {
         self.parameter_count() - self.layers.iter().map(DecoderLayer::idle_parameters).sum::<usize>()
     }
 
+    /// Whether the rest of a prompt computed apart from its start (cached) gets the bits it gets
+    /// computed whole: on the CPU, when every layer's projections give a prompt's rows the same
+    /// bits however many rows share a product (the mixers' and norms' arithmetic is per row).
+    pub fn prompt_rows_independent(&self) -> bool {
+        self.device.is_cpu() && self.layers.iter().all(|l| l.projections().all(Linear::prompt_rows_independent))
+    }
+
     /// How many layers mix with attention (the others with Mamba2).
     pub fn attention_layers(&self) -> usize {
         self.layers.len() - self.ssm_shape.map_or(0, |s| s.layers)
@@ -170,7 +177,7 @@ impl Granite {
             (1, _) => ids.flatten_all()?.to_vec1::<u32>()?,
             (b, _) => return Err(Error::invalid(format!("forward takes one sequence, got {b}; run several as spans"))),
         };
-        let mut spans = [Span { tokens: &tokens, cache, logits: which }];
+        let mut spans = [Span { tokens: &tokens, as_prompt: false, cache, logits: which }];
         let logits = self.forward_spans(&mut spans, opts)?.pop().expect("one span, one result");
         Ok(logits.unsqueeze(0)?)
     }
@@ -216,10 +223,11 @@ impl Granite {
             };
             let (cos, sin) = self.rotary.cos_sin(start, len)?;
             let pos = Positions { cos, sin, mask: causal_mask(start, len, self.dtype, &self.device)? };
-            rows.push(SpanRows { tokens: span.tokens, offset: ids.len(), len, pos, slots, cache });
+            let as_prompt = span.as_prompt;
+            rows.push(SpanRows { tokens: span.tokens, as_prompt, offset: ids.len(), len, pos, slots, cache });
             ids.extend_from_slice(span.tokens);
         }
-        let packed = PackedRows::new(rows.iter().map(|r| r.len));
+        let packed = PackedRows::of_spans(rows.iter().map(|r| (r.len, r.as_prompt)));
         let ids = Tensor::from_vec(ids, (1, rows.iter().map(|r| r.len).sum::<usize>()), &self.device)?;
         let x = self.embed_tokens.rows(&ids, self.dtype)?.affine(self.cfg.embedding_multiplier(), 0.0)?;
         // Each residual add is fused with the RMSNorm that follows it, the next layer's included.
@@ -245,7 +253,7 @@ impl Granite {
         }
         for r in &mut rows {
             if let Some(c) = r.cache.as_deref_mut() {
-                c.append(r.tokens);
+                c.append(r.tokens, packed.runs_as_prompt(r.len, r.as_prompt));
             }
         }
         // The rows that get logits: each span's last, or all of them.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::model::kv_pool::{KvPool, BLOCK_TOKENS};
+use crate::model::kv_pool::{KvPool, PrefixReuse, BLOCK_TOKENS};
 use crate::model::prefix_index::ChainHash;
 use crate::model::ssm_state::{SsmStates, StateShape};
 
@@ -21,6 +21,9 @@ pub struct KvCache {
     len: usize,
     /// The tokens of those positions.
     tokens: Vec<u32>,
+    /// How many of the first positions were computed as a prompt's rows (`PackedRows`): those a
+    /// request reading the same prompt computes with the same bits.
+    as_prompt: usize,
     /// The prefix index's key of each full block (none with prefix caching off).
     keys: Vec<ChainHash>,
     /// The Mamba2 layers' state, if the model has any.
@@ -29,7 +32,8 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(pool: Arc<KvPool>, ssm: Option<StateShape>) -> Self {
-        Self { pool, blocks: Vec::new(), len: 0, tokens: Vec::new(), keys: Vec::new(), ssm: ssm.map(SsmStates::new) }
+        let ssm = ssm.map(SsmStates::new);
+        Self { pool, blocks: Vec::new(), len: 0, tokens: Vec::new(), as_prompt: 0, keys: Vec::new(), ssm }
     }
 
     pub fn len(&self) -> usize {
@@ -97,6 +101,7 @@ impl KvCache {
             None => self.len.min(len),
         };
         self.tokens.truncate(self.len);
+        self.as_prompt = self.as_prompt.min(self.len);
         self.keys.truncate(self.len / BLOCK_TOKENS);
         let keep = self.len.div_ceil(BLOCK_TOKENS);
         if keep < self.blocks.len() {
@@ -113,20 +118,30 @@ impl KvCache {
         for (&src, &dst) in self.blocks.iter().zip(&copy.blocks) {
             self.pool.copy_block(src, dst)?;
         }
-        (copy.len, copy.tokens, copy.keys) = (self.len, self.tokens.clone(), self.keys.clone());
+        (copy.len, copy.tokens, copy.as_prompt) = (self.len, self.tokens.clone(), self.as_prompt);
+        copy.keys = self.keys.clone();
         Ok(copy)
     }
 
-    /// Marks `tokens` as filling the next positions, once every layer has written them; indexes
-    /// the blocks this fills.
-    pub fn append(&mut self, tokens: &[u32]) {
+    /// Marks `tokens` as filling the next positions, once every layer has written them
+    /// (`as_prompt`: computed as a prompt's rows); indexes the blocks this fills that the pool
+    /// takes (with `PrefixReuse::Exact`, only those computed as a prompt's from the start).
+    pub fn append(&mut self, tokens: &[u32], as_prompt: bool) {
+        if as_prompt && self.as_prompt == self.len {
+            self.as_prompt += tokens.len();
+        }
         self.len += tokens.len();
         self.tokens.extend_from_slice(tokens);
         if let Some(s) = &mut self.ssm {
             s.commit(self.len, tokens.len());
             return;
         }
-        while self.keys.len() < self.len / BLOCK_TOKENS {
+        let indexable = match self.pool.prefix_reuse() {
+            PrefixReuse::Off => return,
+            PrefixReuse::Exact => self.as_prompt,
+            PrefixReuse::All => self.len,
+        };
+        while self.keys.len() < indexable / BLOCK_TOKENS {
             let i = self.keys.len();
             let full = &self.tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
             let Some(key) = self.pool.index(self.blocks[i], self.keys.last().copied(), full) else { break };
@@ -139,6 +154,7 @@ impl KvCache {
     /// many positions it took. Models with a Mamba2 state take none.
     pub fn reuse_prefix(&mut self, prompt: &[u32], limit: usize) -> usize {
         let whole = self.len.is_multiple_of(BLOCK_TOKENS) && self.keys.len() == self.len / BLOCK_TOKENS;
+        let exact = self.as_prompt == self.len;
         if self.ssm.is_some() || !whole || !prompt.starts_with(&self.tokens) {
             return 0;
         }
@@ -151,6 +167,10 @@ impl KvCache {
         }
         let n = found.len() * BLOCK_TOKENS;
         self.tokens.extend_from_slice(&prompt[self.len..self.len + n]);
+        // Blocks found after an exact start are exact (`PrefixReuse::Exact` indexes no others).
+        if exact {
+            self.as_prompt += n;
+        }
         self.len += n;
         n
     }
@@ -181,7 +201,7 @@ mod tests {
         a.reserve(BLOCK_TOKENS + 1)?;
         assert_eq!(a.capacity(), 2 * BLOCK_TOKENS);
         assert_eq!(a.slots(BLOCK_TOKENS + 1), (0..BLOCK_TOKENS as u32 + 1).collect::<Vec<_>>(), "in order alone");
-        a.append(&[7; BLOCK_TOKENS + 1]);
+        a.append(&[7; BLOCK_TOKENS + 1], false);
         let mut b = KvCache::new(pool.clone(), None);
         b.reserve(1)?;
         a.reserve(BLOCK_TOKENS)?;
@@ -212,7 +232,7 @@ mod tests {
         let pool = pool(4);
         let mut a = KvCache::new(pool.clone(), None);
         a.reserve(BLOCK_TOKENS + 3)?;
-        a.append(&[7; BLOCK_TOKENS + 3]);
+        a.append(&[7; BLOCK_TOKENS + 3], false);
         let (k, v) = a.layer(1);
         let values = Tensor::arange(0f32, (k.elem_count()) as f32, &Device::Cpu)?.reshape(k.shape())?;
         k.slice_set(&values, 2, 0)?;

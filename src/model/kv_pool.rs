@@ -35,6 +35,20 @@ struct Blocks {
     holders: Vec<u32>,
     /// None: prefix caching is off.
     prefixes: Option<PrefixIndex>,
+    reuse: PrefixReuse,
+}
+
+/// Which blocks sequences index for others to reuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PrefixReuse {
+    #[default]
+    Off,
+    /// Those whose every position, from the start, was computed as a prompt's rows: a request
+    /// that reuses them gets the bits it gets computing its prompt whole (`KvCache::append`).
+    Exact,
+    /// Every full block, decode's too: reused keys and values were computed in another forward,
+    /// so results agree with an uncached run to float rounding.
+    All,
 }
 
 impl Blocks {
@@ -69,7 +83,7 @@ impl KvPool {
         let buffers = || (0..layers).map(|_| zeroed(shape, dtype, device)).collect::<Result<Vec<_>>>();
         let (k, v) = (buffers()?, buffers()?);
         let free = (0..blocks as u32).map(Reverse).collect();
-        let state = Mutex::new(Blocks { free, holders: vec![0; blocks], prefixes: None });
+        let state = Mutex::new(Blocks { free, holders: vec![0; blocks], prefixes: None, reuse: PrefixReuse::Off });
         Ok(Self { k, v, blocks, block_bytes, state })
     }
 
@@ -83,20 +97,21 @@ impl KvPool {
         self.blocks * BLOCK_TOKENS
     }
 
-    /// Turns automatic prefix caching on or off (off drops what is cached); a model with Mamba2
-    /// layers cannot use it, as its state is not in the blocks.
-    pub fn set_prefix_caching(&self, on: bool) {
+    /// Sets which blocks are cached for reuse (a change drops what is cached); a model with
+    /// Mamba2 layers cannot reuse any, as its state is not in the blocks.
+    pub fn set_prefix_reuse(&self, reuse: PrefixReuse) {
         let mut state = self.lock();
         if let Some(mut index) = state.prefixes.take() {
             while let Some(block) = index.evict() {
                 state.free.push(Reverse(block));
             }
         }
-        state.prefixes = on.then(|| PrefixIndex::new(self.blocks));
+        state.prefixes = (reuse != PrefixReuse::Off).then(|| PrefixIndex::new(self.blocks));
+        state.reuse = reuse;
     }
 
-    pub fn prefix_caching(&self) -> bool {
-        self.lock().prefixes.is_some()
+    pub fn prefix_reuse(&self) -> PrefixReuse {
+        self.lock().reuse
     }
 
     /// Positions not held by any sequence (cached prefixes nobody holds included).

@@ -81,6 +81,13 @@ impl Linear {
         matrices + self.bias_len()
     }
 
+    /// Whether a prompt's rows get the same bits however many rows are multiplied at once (on
+    /// the CPU): every part is read by `gemm`'s int8 or bf16 kernels.
+    pub fn prompt_rows_independent(&self) -> bool {
+        let independent = |w: &Weight| w.stored_type().is_some_and(|t| cpu::gemm_rows_independent(t, self.precision));
+        self.parts.iter().all(independent)
+    }
+
     /// Elements of the bias, if any.
     pub fn bias_len(&self) -> usize {
         self.bias.as_ref().map_or(0, Tensor::elem_count)
@@ -163,6 +170,7 @@ pub struct PackedRows {
     back: Vec<u32>,
     /// Every span's row count, in order.
     lens: Vec<usize>,
+    decode_rows: usize,
 }
 
 impl PackedRows {
@@ -171,14 +179,29 @@ impl PackedRows {
         Self::with_decode_rows(lens, GEMV_MAX_ROWS)
     }
 
+    /// As `new`, for spans given as (rows, whether to compute them as a prompt however few).
+    pub fn of_spans(spans: impl IntoIterator<Item = (usize, bool)>) -> Self {
+        Self::grouped(spans, GEMV_MAX_ROWS)
+    }
+
     /// As `new`, with spans of up to `decode_rows` rows computed as decode.
     pub fn with_decode_rows(lens: impl IntoIterator<Item = usize>, decode_rows: usize) -> Self {
+        Self::grouped(lens.into_iter().map(|len| (len, false)), decode_rows)
+    }
+
+    /// Whether a span of `len` rows (`as_prompt`: marked so) runs as a prompt.
+    pub fn runs_as_prompt(&self, len: usize, as_prompt: bool) -> bool {
+        as_prompt || len > self.decode_rows
+    }
+
+    fn grouped(spans: impl IntoIterator<Item = (usize, bool)>, decode_rows: usize) -> Self {
         let (mut few, mut many, mut few_spans, mut many_spans) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let lens: Vec<usize> = lens.into_iter().collect();
+        let mut lens = Vec::new();
         let mut row = 0u32;
-        for &len in &lens {
+        for (len, as_prompt) in spans {
+            lens.push(len);
             let (group, spans) =
-                if len <= decode_rows { (&mut few, &mut few_spans) } else { (&mut many, &mut many_spans) };
+                if as_prompt || len > decode_rows { (&mut many, &mut many_spans) } else { (&mut few, &mut few_spans) };
             group.extend(row..row + len as u32);
             spans.push(len);
             row += len as u32;
@@ -187,7 +210,7 @@ impl PackedRows {
         for (i, r) in few.iter().chain(&many).enumerate() {
             back[*r as usize] = i as u32;
         }
-        Self { few, many, few_spans, many_spans, back, lens }
+        Self { few, many, few_spans, many_spans, back, lens, decode_rows }
     }
 
     /// Whether every span runs as decode.

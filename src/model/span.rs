@@ -15,6 +15,9 @@ pub enum Logits {
 /// Some tokens of one sequence, as a caller hands them to `Granite::forward_spans`.
 pub struct Span<'a> {
     pub tokens: &'a [u32],
+    /// Compute every row as a prompt's (`PackedRows`), however few: for the rest of a prompt
+    /// whose start came from a cache, so that its rows get the bits they get read whole.
+    pub as_prompt: bool,
     /// The sequence's cache, which `tokens` continue; None: a fresh sequence, kept nowhere.
     pub cache: Option<&'a mut KvCache>,
     pub logits: Logits,
@@ -32,6 +35,7 @@ pub(crate) struct Positions {
 /// A span inside the forward: its rows among all the spans' rows, its positions and its cache.
 pub(crate) struct SpanRows<'a> {
     pub(crate) tokens: &'a [u32],
+    pub(crate) as_prompt: bool,
     pub(crate) offset: usize,
     pub(crate) len: usize,
     pub(crate) pos: Positions,

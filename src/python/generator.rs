@@ -20,6 +20,7 @@ use crate::generation::model;
 use crate::generation::params::GenerateParams;
 use crate::generation::session;
 use crate::loading::quantization::{Precision, Quantization};
+use crate::model::kv_pool::PrefixReuse;
 use crate::text::chat::{JsonMap, Message};
 use crate::text::tool_calls::{ToolChoice, ToolFormat};
 
@@ -274,7 +275,7 @@ pub struct Generator {
 #[pymethods]
 impl Generator {
     #[new]
-    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None, quantize = None, num_threads = None, matmul_precision = None, kv_cache_bytes = None, prefix_caching = false))]
+    #[pyo3(signature = (model_dir, *, device = "cpu", dtype = None, quantize = None, num_threads = None, matmul_precision = None, kv_cache_bytes = None, prefix_caching = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -285,7 +286,7 @@ impl Generator {
         num_threads: Option<usize>,
         matmul_precision: Option<&str>,
         kv_cache_bytes: Option<usize>,
-        prefix_caching: bool,
+        prefix_caching: Option<bool>,
     ) -> PyResult<PyClassInitializer<Self>> {
         let dtype = dtype.map(parse_dtype).transpose()?;
         let quantization = quantize.map(Quantization::parse).transpose()?.unwrap_or_default();
@@ -457,7 +458,12 @@ impl Generator {
         d.set_item("kv_cache_positions", pool.capacity())?;
         d.set_item("kv_cache_free_positions", pool.free_positions())?;
         d.set_item("kv_block_positions", crate::model::kv_pool::BLOCK_TOKENS)?;
-        d.set_item("prefix_caching", pool.prefix_caching())?;
+        let reuse = match pool.prefix_reuse() {
+            PrefixReuse::Off => "off",
+            PrefixReuse::Exact => "exact",
+            PrefixReuse::All => "all",
+        };
+        d.set_item("prefix_caching", reuse)?;
         d.set_item("kv_cache_idle_cached_positions", pool.idle_cached_positions())?;
         if let Some(shape) = model.ssm_shape() {
             d.set_item("ssm_state_bytes", shape.bytes())?;

@@ -95,9 +95,11 @@ def add_model_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--kv-cache-bytes", type=int, metavar="N", default=default,
                    help="memory of the KV cache, all sequences together (default: one sequence of the whole "
                         "context, within 1 and 16 GiB)")
-    g.add_argument("--prefix-caching", action="store_true", default=argparse.SUPPRESS if suppress else False,
+    g.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=default,
                    help="reuse the KV cache of prompt starts computed before (a system prompt, earlier turns) "
-                        "across requests; logits agree with an uncached run to float rounding")
+                        "across requests: every cached block, with logits that agree with an uncached run to "
+                        "float rounding (default: only where the results are exact, the bits of an uncached "
+                        "run; --no-prefix-caching: never)"),
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="no progress lines or notes on stderr")
 
@@ -220,8 +222,8 @@ def load_generator(args: argparse.Namespace) -> Tuple[Any, Path, float]:
         kwargs["num_threads"] = args.threads
     if getattr(args, "kv_cache_bytes", None) is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
-    if getattr(args, "prefix_caching", False):
-        kwargs["prefix_caching"] = True
+    if getattr(args, "prefix_caching", None) is not None:
+        kwargs["prefix_caching"] = args.prefix_caching
     try:
         with Progress(f"loading {path.name}", enabled=not args.quiet) as progress:
             g = granite_rs.Generator(str(path), **kwargs)

@@ -54,6 +54,15 @@ pub fn reads(t: GgmlDType, precision: Precision) -> bool {
     bf16 || OWN_TYPES.contains(&t) || TILED.contains(&t) || precision == Precision::Int8 && int8::reads(t)
 }
 
+/// Whether `gemm` gives each row of a prompt multiplied by a `t` matrix the same bits however
+/// many rows it multiplies at once: the int8 and bf16 kernels do; gemm's f32 tiles (f32 rows,
+/// or `Precision::Exact`), whose blocking depends on the row count, do not.
+pub fn rows_independent(t: GgmlDType, precision: Precision) -> bool {
+    let integers = precision == Precision::Int8 && int8::reads(t);
+    let bf16 = precision != Precision::Exact && bf16::kernel() != Kernel::None;
+    t != GgmlDType::F32 && (integers || bf16)
+}
+
 /// `gemv` for many activation rows (a prompt). When `precision` is Int8 and the CPU has the int8
 /// kernel, block matrices it reads are multiplied against x rounded to 8 bits (`int8::gemm`);
 /// when Fast or Int8 and the CPU has a bf16 kernel, the other matrices but f32 ones at bf16

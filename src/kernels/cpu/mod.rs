@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 pub(crate) use formats::decode_rows;
 pub use formats::{Part, Rows, GROUP};
-pub use gemm::{gemm, reads as gemm_reads, Precision};
+pub use gemm::{gemm, reads as gemm_reads, rows_independent as gemm_rows_independent, Precision};
 pub use gemv::{gemv, gemv_each, reads as gemv_reads};
 
 /// Whether this CPU has AVX2, FMA and F16C, which the fast paths here use.
