@@ -79,12 +79,8 @@ BATCH_QUESTIONS = [
 ]
 
 
-def batch_prompts(g: Generator) -> list[str]:
-    """Chat prompts of 31 to 50 tokens, and two raw ones of 1 and 3 tokens (decode-sized prefills)."""
-    return [g.apply_chat_template([{"role": "user", "content": q}]) for q in BATCH_QUESTIONS] + ["x", "Once upon a"]
-
-
-@pytest.mark.parametrize("load", [
+# The weight formats and prompt precisions, on the embedded model.
+EVERY_LOAD = pytest.mark.parametrize("load", [
     {},                                          # Q4_1 as stored
     dict(matmul_precision="exact"),
     dict(matmul_precision="int8"),
@@ -92,6 +88,14 @@ def batch_prompts(g: Generator) -> list[str]:
     dict(quantize="q4_k"),
     dict(quantize="bf16"),
 ], ids=["q4_1", "exact", "int8", "q8_0", "q4_k", "bf16"])
+
+
+def batch_prompts(g: Generator) -> list[str]:
+    """Chat prompts of 31 to 50 tokens, and two raw ones of 1 and 3 tokens (decode-sized prefills)."""
+    return [g.apply_chat_template([{"role": "user", "content": q}]) for q in BATCH_QUESTIONS] + ["x", "Once upon a"]
+
+
+@EVERY_LOAD
 def test_batch_rows_equal_alone(real_model_gguf, load):
     """Greedy and seeded-sampling rows of mixed lengths, with per-row seeds and lengths, equal each
     prompt alone; rows that stop early (a stop string, a shorter max_new_tokens) leave the batch."""
@@ -119,14 +123,7 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.mark.parametrize("load", [
-    {},                                          # Q4_1 as stored
-    dict(matmul_precision="exact"),
-    dict(matmul_precision="int8"),
-    dict(quantize="q8_0"),
-    dict(quantize="q4_k"),
-    dict(quantize="bf16"),
-], ids=["q4_1", "exact", "int8", "q8_0", "q4_k", "bf16"])
+@EVERY_LOAD
 def test_cached_prefixes_give_the_bits_of_uncached_prompts(real_model_gguf, load):
     """Prefix caching as it is by default: a prompt whose start is cached gets the tokens and
     log-probabilities, to the bit, of the same prompt computed whole, whatever the length of the
