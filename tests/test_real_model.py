@@ -127,7 +127,8 @@ def cpu_flags() -> set[str]:
 def test_cached_prefixes_give_the_bits_of_uncached_prompts(real_model_gguf, load):
     """Prefix caching as it is by default: a prompt whose start is cached gets the tokens and
     log-probabilities, to the bit, of the same prompt computed whole, whatever the length of the
-    cached start and of the rest (one token, a few, the rest of a chunk and more). It is on where
+    cached start and of the rest (one token, a few, the rest of a chunk and more), each computed
+    as the prompt's rows it is in the whole (the last cases: 3, 8 and 1 rows). It is on where
     the prompt products sum each row alike however many rows share them: the bf16 kernels
     (AVX512-BF16 or AMX) unless matmul_precision="exact", the int8 ones (AVX512-VNNI) with "int8";
     elsewhere it is off, and prefix_caching=True reuses blocks with logits close to uncached."""
@@ -148,7 +149,7 @@ def test_cached_prefixes_give_the_bits_of_uncached_prompts(real_model_gguf, load
     g.generate_ids(system + [42], **kw)
     # (prompt, the whole blocks of its start that are cached, all but its last token at most)
     cases = [(system + [7], 288), (system[:257], 256), (system[:250] + [5] * 30, 240), (system[:33] + [9, 9], 32),
-             (system[:40], 32), (system, 288)]
+             (system[:40], 32), (system[:49], 48), (system, 288)]
     for prompt, cached in cases:
         got, want = g.generate_ids(prompt, **kw), plain.generate_ids(prompt, **kw)
         assert got.cached_tokens == cached, (len(prompt), got.cached_tokens)

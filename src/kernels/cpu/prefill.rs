@@ -12,6 +12,8 @@ use crate::kernels::dtype::{Float, QkvOp};
 /// Queries per tile and keys per tile: the scores of a pair, 32 x 128 f32, stay in L1.
 const QUERIES: usize = 32;
 const KEYS: usize = 128;
+/// The fewest queries a tile's products run with (see `attend_tile`).
+const MIN_QUERIES: usize = 8;
 
 /// (q, k, v) -> causal attention output; see `kernels::prefill_attention`.
 pub(crate) struct PrefillAttention<'a> {
@@ -111,17 +113,21 @@ impl PrefillAttention<'_> {
         let rep = nh / kl.dims()[1];
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
         let n = out.len() / d;
+        // gemm sums the rows of a product of a few rows in another order than those of a larger
+        // one: a tile of fewer queries runs as `MIN_QUERIES` (copies of its last, their results
+        // dropped), so that each query gets the same bits in a tile of any size.
+        let rows = n.max(MIN_QUERIES);
         // Keys before the first query (cached positions).
         let start = self.slots.len() - ql.dims()[2];
-        for i in 0..n {
-            let at = ql.start_offset() + bi * qs[0] + hi * qs[1] + (q0 + i) * qs[2];
+        for i in 0..rows {
+            let at = ql.start_offset() + bi * qs[0] + hi * qs[1] + (q0 + i.min(n - 1)) * qs[2];
             for (f, x) in s.q[i * d..(i + 1) * d].iter_mut().zip(&q[at..at + d]) {
                 *f = x.f32() * self.scale;
             }
         }
-        s.max[..n].fill(f32::NEG_INFINITY);
-        s.sum[..n].fill(0.0);
-        s.out[..n * d].fill(0.0);
+        s.max[..rows].fill(f32::NEG_INFINITY);
+        s.sum[..rows].fill(0.0);
+        s.out[..rows * d].fill(0.0);
         let k_at = kl.start_offset() + bi * ks[0] + (hi / rep) * ks[1];
         let v_at = vl.start_offset() + bi * vs[0] + (hi / rep) * vs[1];
         // The last query of the tile sees keys 0..=start + q0 + n - 1.
@@ -135,17 +141,17 @@ impl PrefillAttention<'_> {
                     s.v[j * d + c] = v[vr + c].f32();
                 }
             }
-            matmul(n, m, d, &s.q, &s.k, (d, 1), &mut s.scores, false);
-            for i in 0..n {
+            matmul(rows, m, d, &s.q, &s.k, (d, 1), &mut s.scores, false);
+            for i in 0..rows {
                 // Query q0 + i sees keys up to start + q0 + i.
-                let seen = (start + q0 + i + 1).saturating_sub(k0).min(m);
+                let seen = (start + q0 + i.min(n - 1) + 1).saturating_sub(k0).min(m);
                 let (new_max, sum) = softmax_step(&mut s.scores[i * m..(i + 1) * m], seen, s.max[i]);
                 let keep = if s.max[i] == f32::NEG_INFINITY { 0.0 } else { exp_nonpositive(s.max[i] - new_max) };
                 s.sum[i] = s.sum[i] * keep + sum;
                 s.max[i] = new_max;
                 s.out[i * d..(i + 1) * d].iter_mut().for_each(|o| *o *= keep);
             }
-            matmul(n, d, m, &s.scores, &s.v, (1, d), &mut s.out, true);
+            matmul(rows, d, m, &s.scores, &s.v, (1, d), &mut s.out, true);
         }
         for (i, row) in out.chunks_exact_mut(d).enumerate() {
             let inv = 1.0 / s.sum[i];
