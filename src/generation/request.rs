@@ -47,7 +47,8 @@ pub struct Request {
     sampler: Sampler,
     /// For the stop criteria (its sampling and stop strings live in `sampler` and `text`).
     params: GenerateParams,
-    logprobs: Vec<TokenLogprob>,
+    /// The last new token's log-probabilities, until handed out (`take_logprob`).
+    logprob: Option<TokenLogprob>,
     text: StoppingText,
     /// The grammar the text must match, if any.
     constraint: Option<Constraint>,
@@ -73,7 +74,7 @@ impl Request {
             tokens: prompt,
             max_new_tokens,
             params,
-            logprobs: Vec::new(),
+            logprob: None,
             finish: None,
             started: None,
             generator,
@@ -121,9 +122,9 @@ impl Request {
         self.finish.is_some()
     }
 
-    /// Empty unless `GenerateParams::logprobs` was set.
-    pub fn logprobs(&self) -> &[TokenLogprob] {
-        &self.logprobs
+    /// The last new token's log-probabilities, once (None unless `GenerateParams::logprobs` was set).
+    pub fn take_logprob(&mut self) -> Option<TokenLogprob> {
+        self.logprob.take()
     }
 
     pub fn timings(&self) -> &Timings {
@@ -188,7 +189,7 @@ impl Request {
         let (prompt, generated) = self.tokens.split_at(self.prompt_len);
         let token = self.sampler.sample(&mut logits, prompt, generated)?;
         if let (Some(n), Some(raw)) = (top_logprobs, raw) {
-            self.logprobs.push(token_logprob(&raw, token, n));
+            self.logprob = Some(token_logprob(&raw, token, n));
         }
         Ok(token)
     }

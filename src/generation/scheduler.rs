@@ -277,7 +277,7 @@ impl Job {
         };
         self.pending.push(token);
         let text = self.request.take_text();
-        let logprob = self.request.logprobs().last().cloned();
+        let logprob = self.request.take_logprob();
         // An owner that has gone away no longer wants the rest.
         if self.events.send(Event::Token(token, text, logprob)).is_err() {
             self.cancel.store(true, Ordering::Relaxed);
