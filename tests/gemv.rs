@@ -71,14 +71,15 @@ fn quantized_formats_match_their_dequantized_weights() {
                 GgmlDType::Q4_1 => Rows::Q4_1(&data),
                 _ => Rows::Q8_0(&data),
             };
-            for m in [1, 3, 4, 6] {
+            for m in [1, 3, 4, 6, 9] {
                 let x = random((m, k), 11 + m as u64);
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let mut out = vec![0f32; m * n];
                 gemv(&[(rows, n)], k, &xs, &mut out).unwrap();
                 let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
                 let err = max_rel_err(&got, &reference(&x, &deq));
-                assert!(err < 1e-5, "{dtype:?} {m}x{k} by {n}x{k}: relative error {err}");
+                // Activations rounded to 15 bits per 32 (16 without AVX512-VNNI).
+                assert!(err < 4e-5, "{dtype:?} {m}x{k} by {n}x{k}: relative error {err}");
             }
         }
     }

@@ -38,6 +38,10 @@ fn tagged_calls() {
     // Ended inside the closing tag: the JSON is whole, so it counts.
     let (content, found) = ToolFormat::Tagged.parse("<tool_call>{\"name\": \"a\", \"arguments\": {}}");
     assert_eq!((content.as_str(), found), ("", calls(&[("a", json!({}))])));
+    // A close tag inside a string of the arguments is the string's.
+    let text = "<tool_call>\n{\"name\": \"a\", \"arguments\": {\"q\": \"x</tool_call>y\"}}\n</tool_call> after";
+    let (content, found) = ToolFormat::Tagged.parse(text);
+    assert_eq!((content.as_str(), found), ("after", calls(&[("a", json!({"q": "x</tool_call>y"}))])));
     // Broken JSON, or more than one value, stays text.
     for text in ["<tool_call>{\"name\": </tool_call>", "<tool_call>{\"name\": \"a\"} {}</tool_call> after"] {
         assert_eq!(ToolFormat::Tagged.parse(text).1, vec![], "{text}");

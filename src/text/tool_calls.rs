@@ -164,20 +164,25 @@ fn parse_tagged(text: &str) -> (String, Vec<ToolCall>) {
     let mut rest = text;
     while let Some(at) = rest.find(OPEN_TAG) {
         let body = &rest[at + OPEN_TAG.len()..];
-        // A call the generation ended inside counts once its JSON is whole.
-        let (inner, after) = match body.find(CLOSE_TAG) {
-            Some(end) => (&body[..end], &body[end + CLOSE_TAG.len()..]),
-            None => (body, ""),
-        };
-        let whole = leading_json(inner).filter(|(_, used)| inner[*used..].trim().is_empty());
-        match whole.and_then(|(value, _)| call(value)) {
-            Some(c) => {
+        // The JSON is read first, so that a close tag inside one of its strings does not end the
+        // call; a call the generation ended inside counts once its JSON is whole.
+        let parsed = leading_json(body).and_then(|(value, used)| {
+            let tail = body[used..].trim_start();
+            let after = if tail.is_empty() { tail } else { tail.strip_prefix(CLOSE_TAG)? };
+            Some((call(value)?, after))
+        });
+        rest = match parsed {
+            Some((c, after)) => {
                 calls.push(c);
                 content.push_str(&rest[..at]);
+                after
             }
-            None => content.push_str(&rest[..rest.len() - after.len()]),
-        }
-        rest = after;
+            None => {
+                let after = body.find(CLOSE_TAG).map_or("", |end| &body[end + CLOSE_TAG.len()..]);
+                content.push_str(&rest[..rest.len() - after.len()]);
+                after
+            }
+        };
     }
     content.push_str(rest);
     (content.trim().to_string(), calls)

@@ -186,6 +186,10 @@ pub(crate) trait Blocks {
     const BYTES: usize;
     const CENTER: i32;
     const OFFSET: bool;
+    /// Where the integers start in a block.
+    const START: usize;
+    /// Whether the integers are nibbles (else signed bytes).
+    const NIBBLES: bool;
     /// The 32 integers v_j.
     fn ints(block: &[u8]) -> [i32; GROUP];
     /// The 32 v_j as 16-bit integers: v_0..v_15, then v_16..v_31.
@@ -209,8 +213,10 @@ impl Blocks for Q4_0 {
     const BYTES: usize = 18;
     const CENTER: i32 = 8;
     const OFFSET: bool = false;
+    const START: usize = 2;
+    const NIBBLES: bool = true;
     fn ints(block: &[u8]) -> [i32; GROUP] {
-        nibble_ints(&block[2..18])
+        nibble_ints(&block[Self::START..][..16])
     }
     /// # Safety
     /// As `Blocks::unpack`.
@@ -225,8 +231,10 @@ impl Blocks for Q4_1 {
     const BYTES: usize = 20;
     const CENTER: i32 = 0;
     const OFFSET: bool = true;
+    const START: usize = 4;
+    const NIBBLES: bool = true;
     fn ints(block: &[u8]) -> [i32; GROUP] {
-        nibble_ints(&block[4..20])
+        nibble_ints(&block[Self::START..][..16])
     }
     /// # Safety
     /// As `Blocks::unpack`.
@@ -241,8 +249,10 @@ impl Blocks for Q8_0 {
     const BYTES: usize = 34;
     const CENTER: i32 = 0;
     const OFFSET: bool = false;
+    const START: usize = 2;
+    const NIBBLES: bool = false;
     fn ints(block: &[u8]) -> [i32; GROUP] {
-        std::array::from_fn(|j| block[2 + j] as i8 as i32)
+        std::array::from_fn(|j| block[Self::START + j] as i8 as i32)
     }
     /// # Safety
     /// As `Blocks::unpack`.

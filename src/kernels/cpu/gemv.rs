@@ -2,10 +2,12 @@
 //! rayon's threads, with AVX2+FMA+F16C where the CPU has them. Several matrices stacked along the
 //! output (fused q/k/v, gate/up), each in its own format and memory, run in one parallel loop.
 //! - Dense f32/f16/bf16 rows are decoded to f32 and multiplied in f32.
-//! - GGUF's Q4_0/Q4_1/Q8_0 blocks are multiplied as integers: each 32 activations become 16-bit
-//!   integers with one f32 scale (`Activations`), so a block's dot product is exact integer
-//!   arithmetic, then scaled. The activations' rounding error is at most 2^-16 of their block's
-//!   largest magnitude: far below llama.cpp's 8-bit activations, near f32.
+//! - GGUF's Q4_0/Q4_1/Q8_0 blocks are multiplied as integers: each 32 activations become 15-bit
+//!   integers with one f32 scale (`Split`), so a block's dot product is exact integer arithmetic,
+//!   then scaled; on AVX512-VNNI 16 weight rows at a time, one per lane (`x86::lanes`). Without
+//!   it, 16-bit integers (`Activations`), one row at a time. The activations' rounding error is at
+//!   most 2^-15 (2^-16) of their block's largest magnitude: far below llama.cpp's 8-bit
+//!   activations, near f32.
 //! - The k-quants Q4_K, Q5_K and Q6_K, where the CPU has AVX512-VNNI, against activations
 //!   rounded to 8 bits per 32 (`int8::gemv_job`), as llama.cpp's and candle's are (per 256).
 
@@ -15,11 +17,13 @@ use candle_core::quantized::GgmlDType;
 
 use super::activations::Activations;
 #[cfg(target_arch = "x86_64")]
+use super::activations::Split;
+#[cfg(target_arch = "x86_64")]
 use super::formats::evens_then_odds;
 use super::formats::{checked, half_at, Blocks, Dense, Part, Rows, BF16, F16, F32, GROUP, OWN_TYPES, Q4_0, Q4_1, Q8_0};
 use super::int8;
 #[cfg(target_arch = "x86_64")]
-use super::x86::{decode, loads};
+use super::x86::{decode, lanes, loads};
 use super::Out;
 
 /// The portable path: rows `rows` of out (M, stride) = x (M, k) · wᵀ.
@@ -66,7 +70,8 @@ fn split(jobs: &[Job]) {
     let pieces: Vec<(&Job, Range<usize>)> = jobs
         .iter()
         .flat_map(|j| {
-            let chunk = piece.div_ceil(j.row_bytes.max(1)).max(1);
+            // Whole passes of the lane-wise kernel (16 rows).
+            let chunk = piece.div_ceil(j.row_bytes.max(1)).next_multiple_of(16);
             (0..j.rows).step_by(chunk).map(move |r| (j, r..j.rows.min(r + chunk)))
         })
         .collect();
@@ -149,24 +154,33 @@ pub(super) fn block_rows<B: Blocks>(
     }
 }
 
-/// Columns of out (m, stride) from a matrix of GGUF blocks.
-fn block_job<'a, B: Blocks>(
+/// Columns of out (m, stride) from a matrix of GGUF blocks: 16 rows per lane-wise pass on
+/// AVX512-VNNI (15-bit activations), else one row at a time (16-bit activations).
+fn block_job<'a, B: Blocks + 'a>(
     w: &'a [u8],
     k: usize,
     x: &[f32],
     out: Out,
     stride: usize,
-) -> impl Fn(Range<usize>) + Sync + 'a {
+) -> Box<dyn Fn(Range<usize>) + Sync + 'a> {
     let (m, groups) = (x.len() / k, k / GROUP);
+    #[cfg(target_arch = "x86_64")]
+    if lanes::available() {
+        let a = Split::new(x, lanes::center::<B>());
+        // SAFETY: the features are present; shapes were checked by `gemv`.
+        return Box::new(move |rows: Range<usize>| unsafe {
+            lanes::block_rows::<B>(w, groups, &a, m, rows, out, stride)
+        });
+    }
     let a = Activations::new(x, B::CENTER);
-    move |rows: Range<usize>| {
+    Box::new(move |rows: Range<usize>| {
         #[cfg(target_arch = "x86_64")]
         if loads::available() {
             // SAFETY: the features are present; shapes were checked by `gemv`.
             return unsafe { decode::block_rows::<B>(w, groups, &a, m, rows, out, stride) };
         }
         block_rows::<B>(w, groups, m, rows, out, stride, |row, first| dot_scalar::<B>(row, &a, first));
-    }
+    })
 }
 
 /// Whether `gemv` reads weights stored as `t` on this CPU.
@@ -210,9 +224,9 @@ fn jobs<'a>(parts: &[Part<'a>], k: usize, x: &'a [f32], out: &mut [f32]) -> Resu
                 Rows::F32(_) => Box::new(dense_job::<F32>(b, k, x, out, stride)),
                 Rows::F16(_) => Box::new(dense_job::<F16>(b, k, x, out, stride)),
                 Rows::BF16(_) => Box::new(dense_job::<BF16>(b, k, x, out, stride)),
-                Rows::Q4_0(_) => Box::new(block_job::<Q4_0>(b, k, x, out, stride)),
-                Rows::Q4_1(_) => Box::new(block_job::<Q4_1>(b, k, x, out, stride)),
-                Rows::Q8_0(_) => Box::new(block_job::<Q8_0>(b, k, x, out, stride)),
+                Rows::Q4_0(_) => block_job::<Q4_0>(b, k, x, out, stride),
+                Rows::Q4_1(_) => block_job::<Q4_1>(b, k, x, out, stride),
+                Rows::Q8_0(_) => block_job::<Q8_0>(b, k, x, out, stride),
                 Rows::Other(..) => Box::new(int8::gemv_job(w, k, x, out, stride)),
             };
             // SAFETY: the parts' rows add up to `stride` columns.

@@ -6,4 +6,5 @@
 pub mod amx;
 pub mod bf16;
 pub mod decode;
+pub mod lanes;
 pub mod loads;
