@@ -255,6 +255,30 @@ fn check_decode_attention(gpu: Option<Device>) -> Result<()> {
     Ok(())
 }
 
+/// Rows over their own positions of one cache, in one op: each row gets what `decode_attention`
+/// gives it alone, bit for bit.
+#[test]
+fn rows_attend_as_they_do_alone() -> Result<()> {
+    let (nh, nkv, d, cap) = (6, 2, 64, 90);
+    let lens = [1, 37, 90, 5, 64];
+    for dtype in DTYPES {
+        let q = randn(&[lens.len(), nh, 1, d], dtype, 3)?;
+        let (k_cache, v_cache) = (randn(&[1, nkv, cap, d], dtype, 4)?, randn(&[1, nkv, cap, d], dtype, 5)?);
+        let lists: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &len)| slots(len, cap, i)).collect();
+        let refs: Vec<&[u32]> = lists.iter().map(Vec::as_slice).collect();
+        let out = kernels::decode_attention_rows(&q, &k_cache, &v_cache, &refs, 0.125)?;
+        for (i, at) in refs.iter().enumerate() {
+            let alone = kernels::decode_attention(&q.narrow(0, i, 1)?, &k_cache, &v_cache, at, 0.125)?;
+            assert_close(&format!("{dtype:?} row {i}"), &out.narrow(0, i, 1)?, &alone, 0.0)?;
+        }
+        // A row without slots, a slot past the cache, fewer lists than rows.
+        for bad in [vec![refs[0], &[][..]], vec![refs[0], &[0, cap as u32][..]], vec![refs[0]]] {
+            assert!(kernels::decode_attention_rows(&q.narrow(0, 0, 2)?, &k_cache, &v_cache, &bad, 1.0).is_err());
+        }
+    }
+    Ok(())
+}
+
 /// The first index of the largest logit (exact ties as bf16 logits make them), and whether all are
 /// finite: over 49152 logits, with the maxima spread over the threads of the CUDA kernel.
 fn check_greedy(gpu: Option<Device>) -> Result<()> {

@@ -57,6 +57,24 @@ macro_rules! by_dtype {
 }
 pub(crate) use by_dtype;
 
+/// A `CustomOp3`'s `cpu_fwd` for a `QkvOp`: `QkvOp::cpu_storages` under the op's name.
+macro_rules! qkv_cpu_fwd {
+    () => {
+        fn cpu_fwd(
+            &self,
+            q: &candle_core::CpuStorage,
+            ql: &candle_core::Layout,
+            k: &candle_core::CpuStorage,
+            kl: &candle_core::Layout,
+            v: &candle_core::CpuStorage,
+            vl: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.cpu_storages(self.name(), (q, ql), (k, kl), (v, vl))
+        }
+    };
+}
+pub(crate) use qkv_cpu_fwd;
+
 /// The elements of a contiguous layout.
 pub(crate) fn contiguous<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let (start, end) = l.contiguous_offsets().ok_or_else(|| Error::Msg("expected a contiguous tensor".into()))?;

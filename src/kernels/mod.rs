@@ -17,7 +17,7 @@ mod shapes;
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
-use cpu::attention::DecodeAttention;
+use cpu::attention::{DecodeAttention, RowsAttention};
 use cpu::greedy::Greedy;
 use cpu::norm::RmsNorm;
 use cpu::prefill::PrefillAttention;
@@ -87,19 +87,7 @@ pub fn rope_write_kv(
 /// head_dim), each with any strides but the last 1; head_dim <= 256. Returns (b, n_heads, 1,
 /// head_dim) contiguous, so `.reshape((b, 1, n_heads * head_dim))` is free.
 pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slots: &[u32], scale: f64) -> Result<Tensor> {
-    let (b, nh, t, d) = q.dims4()?;
-    let (kb, nkv, cap, kd) = k_cache.dims4()?;
-    if t != 1 || kb != b || kd != d || v_cache.dims4()? != (kb, nkv, cap, kd) || nkv == 0 || nh % nkv != 0 {
-        bail!("decode_attention: q {:?}, caches {:?} {:?}", q.shape(), k_cache.shape(), v_cache.shape());
-    }
-    if slots.is_empty() || slots.iter().any(|&s| s as usize >= cap) || d > 256 {
-        bail!("decode_attention: {} positions in {cap} slots, head_dim {d} (at most 256)", slots.len());
-    }
-    for (name, x) in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] {
-        if x.stride()[3] != 1 {
-            bail!("decode_attention: {name} needs a last stride of 1");
-        }
-    }
+    check_decode(q, k_cache, v_cache, q.dim(0)?, &[slots])?;
     if q.device().is_cpu() {
         return q.apply_op3_no_bwd(k_cache, v_cache, &DecodeAttention { slots, scale: scale as f32 });
     }
@@ -107,6 +95,37 @@ pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slots: &
     let (k, v) = (gather_slots(k_cache, slots)?, gather_slots(v_cache, slots)?);
     let in_order: Vec<u32> = (0..slots.len() as u32).collect();
     q.apply_op3_no_bwd(&k, &v, &DecodeAttention { slots: &in_order, scale: scale as f32 })
+}
+
+/// `decode_attention` of rows that each attend to their own positions of one cache, on the CPU:
+/// q (n, n_heads, 1, head_dim), caches (1, n_kv, cache slots, head_dim); row i reads positions
+/// 0..slots[i].len() at slots `slots[i]`.
+pub fn decode_attention_rows(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slots: &[&[u32]], scale: f64) -> Result<Tensor> {
+    if q.dim(0)? != slots.len() || !q.device().is_cpu() {
+        bail!("decode_attention_rows: q {:?} on {:?} for {} rows of slots (the CPU only)", q.shape(), q.device(), slots.len());
+    }
+    check_decode(q, k_cache, v_cache, 1, slots)?;
+    q.apply_op3_no_bwd(k_cache, v_cache, &RowsAttention { slots, scale: scale as f32 })
+}
+
+/// The shapes `decode_attention` takes, with caches of `cache_rows` batch rows.
+fn check_decode(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, cache_rows: usize, slots: &[&[u32]]) -> Result<()> {
+    let (_, nh, t, d) = q.dims4()?;
+    let (kb, nkv, cap, kd) = k_cache.dims4()?;
+    if t != 1 || kb != cache_rows || kd != d || v_cache.dims4()? != (kb, nkv, cap, kd) || nkv == 0 || nh % nkv != 0 {
+        bail!("decode_attention: q {:?}, caches {:?} {:?}", q.shape(), k_cache.shape(), v_cache.shape());
+    }
+    for slots in slots {
+        if slots.is_empty() || slots.iter().any(|&s| s as usize >= cap) || d > 256 {
+            bail!("decode_attention: {} positions in {cap} slots, head_dim {d} (at most 256)", slots.len());
+        }
+    }
+    for (name, x) in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] {
+        if x.stride()[3] != 1 {
+            bail!("decode_attention: {name} needs a last stride of 1");
+        }
+    }
+    Ok(())
 }
 
 /// Causal attention of t queries, the last t of the key positions 0..slots.len(), on the CPU,

@@ -52,16 +52,26 @@ impl Attention {
         let total = x.dim(1)?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward_packed(x, packed)?.reshape((1, total, nh + 2 * nkv, hd))?;
+        let singles = self.singles(spans);
+        let joint = match singles.len() {
+            0 | 1 => None,
+            n if n == spans.len() => {
+                return self.o_proj.forward_packed(&self.attend_singles(&qkv, spans, &singles)?, packed)
+            }
+            _ => Some(self.attend_singles(&qkv, spans, &singles)?),
+        };
         let mut outs = spans
             .iter()
-            .map(|s| {
-                self.attend(
+            .enumerate()
+            .map(|(i, s)| match (&joint, singles.iter().position(|&j| j == i)) {
+                (Some(joint), Some(j)) => Ok(joint.narrow(1, j, 1)?),
+                _ => self.attend(
                     &qkv.narrow(1, s.offset, s.len)?,
                     s.as_prompt,
                     &s.pos,
                     &s.slots,
                     s.cache.as_deref().map(|c| c.layer(self.kv_layer)),
-                )
+                ),
             })
             .collect::<Result<Vec<_>>>()?;
         let out = match outs.len() {
@@ -69,6 +79,46 @@ impl Attention {
             _ => Tensor::cat(&outs, 1)?,
         };
         self.o_proj.forward_packed(&out, packed)
+    }
+
+    /// The spans of one decode row each over the first such span's cache storage, on the CPU:
+    /// attended in one op (`attend_singles`), each as `attend` would alone.
+    fn singles(&self, spans: &[SpanRows]) -> Vec<usize> {
+        let storage = |s: &SpanRows| match s.cache.as_deref() {
+            Some(c)
+                if s.len == 1 && !s.as_prompt && s.pos.mask.is_none() && c.layer(self.kv_layer).0.device().is_cpu() =>
+            {
+                Some(c.layer(self.kv_layer).0.id())
+            }
+            _ => None,
+        };
+        let Some(first) = spans.iter().find_map(storage) else { return Vec::new() };
+        (0..spans.len()).filter(|&i| storage(&spans[i]) == Some(first)).collect()
+    }
+
+    /// The attention of the `singles` spans' rows -> (1, singles, n_heads * head_dim).
+    fn attend_singles(&self, qkv: &Tensor, spans: &[SpanRows], singles: &[usize]) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = match singles.len() == spans.len() {
+            true => qkv.clone(),
+            false => {
+                let rows: Vec<u32> = singles.iter().map(|&i| spans[i].offset as u32).collect();
+                qkv.index_select(&Tensor::new(rows, qkv.device())?, 1)?
+            }
+        };
+        let heads = |start: usize, n: usize| qkv.narrow(2, start, n)?.transpose(1, 2);
+        let (q, k, v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
+        let tables = |f: fn(&Positions) -> &Tensor| {
+            Tensor::cat(&singles.iter().map(|&i| f(&spans[i].pos)).collect::<Vec<_>>(), 0)
+        };
+        let (cos, sin) = (tables(|p| &p.cos)?, tables(|p| &p.sin)?);
+        let new: Vec<u32> = singles.iter().map(|&i| *spans[i].slots.last().expect("a position")).collect();
+        let (k_cache, v_cache) = spans[singles[0]].cache.as_deref().expect("a cache").layer(self.kv_layer);
+        // (1, n_heads, rows, head_dim), then as (rows, n_heads, 1, head_dim).
+        let q = kernels::rope_write_kv(&q, &k, &v, &cos, &sin, k_cache, v_cache, &new)?;
+        let slots: Vec<&[u32]> = singles.iter().map(|&i| spans[i].slots.as_slice()).collect();
+        let out = kernels::decode_attention_rows(&q.transpose(0, 2)?, k_cache, v_cache, &slots, self.scale)?;
+        Ok(out.reshape((1, singles.len(), nh * hd))?)
     }
 
     /// One span's attention: qkv (b, t, n_heads + 2 n_kv_heads, head_dim) -> (b, t, n_heads * head_dim);

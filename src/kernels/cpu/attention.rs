@@ -1,10 +1,10 @@
 //! Attention of one query per (row, head) over a KV cache.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use candle_core::{CustomOp3, Layout, Result};
 
 use super::softmax::softmax_row;
 use super::{for_chunks, vectorized};
-use crate::kernels::dtype::{Float, QkvOp};
+use crate::kernels::dtype::{qkv_cpu_fwd, Float, QkvOp};
 pub(crate) use crate::kernels::shapes::DecodeAttention;
 
 /// a · b with eight independent sums, so that the compiler vectorizes it.
@@ -104,32 +104,64 @@ vectorized! {
     }
 }
 
+/// Attention of one query per (batch row, head) of q (b, n_heads, 1, d): row bi attends to the
+/// cache slots `slots(bi)` of the caches' batch row `cache_row(bi)`.
+fn attend_rows<'s, T: Float>(
+    (q, ql): (&[T], &Layout),
+    (k, kl): (&[T], &Layout),
+    (v, vl): (&[T], &Layout),
+    scale: f32,
+    slots: impl Fn(usize) -> &'s [u32] + Sync,
+    cache_row: impl Fn(usize) -> usize + Sync,
+) -> Result<Vec<T>> {
+    let (b, nh, _, d) = ql.shape().dims4()?;
+    let (_, nkv, _, _) = kl.shape().dims4()?;
+    let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
+    let rep = nh / nkv;
+    let lens = (0..b).map(|bi| slots(bi).len());
+    let (longest, positions) = (lens.clone().max().unwrap_or(0), lens.sum::<usize>());
+    let mut out = vec![T::of(0.0); b * nh * d];
+    let work = positions * nh * d * 2;
+    let init = || (vec![0f32; d], vec![0f32; longest], vec![0f32; d]);
+    for_chunks(&mut out, d, work, init, |(qf, scores, acc), bh, out| {
+        let (bi, hi) = (bh / nh, bh % nh);
+        let qo = ql.start_offset() + bi * qs[0] + hi * qs[1];
+        for (f, x) in qf.iter_mut().zip(&q[qo..qo + d]) {
+            *f = x.f32() * scale;
+        }
+        let (slots, row) = (slots(bi), cache_row(bi));
+        let ko = kl.start_offset() + row * ks[0] + (hi / rep) * ks[1];
+        let vo = vl.start_offset() + row * vs[0] + (hi / rep) * vs[1];
+        attend(qf, slots, &k[ko..], ks[2], &v[vo..], vs[2], &mut scores[..slots.len()], acc, out);
+    });
+    Ok(out)
+}
+
 impl QkvOp for DecodeAttention<'_> {
-    fn cpu<T: Float>(
-        &self,
-        (q, ql): (&[T], &Layout),
-        (k, kl): (&[T], &Layout),
-        (v, vl): (&[T], &Layout),
-    ) -> Result<Vec<T>> {
-        let (b, nh, _, d) = ql.shape().dims4()?;
-        let (_, nkv, _, _) = kl.shape().dims4()?;
-        let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
-        let (len, rep) = (self.slots.len(), nh / nkv);
-        let mut out = vec![T::of(0.0); b * nh * d];
-        let work = b * nh * len * d * 2;
-        let init = || (vec![0f32; d], vec![0f32; len], vec![0f32; d]);
-        for_chunks(&mut out, d, work, init, |(qf, scores, acc), bh, out| {
-            let (bi, hi) = (bh / nh, bh % nh);
-            let qo = ql.start_offset() + bi * qs[0] + hi * qs[1];
-            for (f, x) in qf.iter_mut().zip(&q[qo..qo + d]) {
-                *f = x.f32() * self.scale;
-            }
-            let ko = kl.start_offset() + bi * ks[0] + (hi / rep) * ks[1];
-            let vo = vl.start_offset() + bi * vs[0] + (hi / rep) * vs[1];
-            attend(qf, self.slots, &k[ko..], ks[2], &v[vo..], vs[2], scores, acc, out);
-        });
-        Ok(out)
+    fn cpu<T: Float>(&self, q: (&[T], &Layout), k: (&[T], &Layout), v: (&[T], &Layout)) -> Result<Vec<T>> {
+        attend_rows(q, k, v, self.scale, |_| self.slots, |bi| bi)
     }
+}
+
+/// (q, k_cache, v_cache) -> attention output, each row of q over its own slots of caches with
+/// one batch row; see `decode_attention_rows`. The CPU only.
+pub(crate) struct RowsAttention<'a> {
+    pub slots: &'a [&'a [u32]],
+    pub scale: f32,
+}
+
+impl QkvOp for RowsAttention<'_> {
+    fn cpu<T: Float>(&self, q: (&[T], &Layout), k: (&[T], &Layout), v: (&[T], &Layout)) -> Result<Vec<T>> {
+        attend_rows(q, k, v, self.scale, |bi| self.slots[bi], |_| 0)
+    }
+}
+
+impl CustomOp3 for RowsAttention<'_> {
+    fn name(&self) -> &'static str {
+        "granite-rows-attention"
+    }
+
+    qkv_cpu_fwd!();
 }
 
 impl CustomOp3 for DecodeAttention<'_> {
@@ -137,17 +169,7 @@ impl CustomOp3 for DecodeAttention<'_> {
         "granite-decode-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        ql: &Layout,
-        k: &CpuStorage,
-        kl: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_storages(self.name(), (q, ql), (k, kl), (v, vl))
-    }
+    qkv_cpu_fwd!();
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -158,7 +180,7 @@ impl CustomOp3 for DecodeAttention<'_> {
         kl: &Layout,
         v: &candle_core::CudaStorage,
         vl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         Ok((crate::kernels::cuda::decode_attention(self, (q, ql), (k, kl), (v, vl))?, ql.shape().clone()))
     }
 }

@@ -2,12 +2,12 @@
 //! the keys a tile at a time, two small gemms per pair of tiles, with the softmax carried along
 //! (running max and sum per query), so no (t, start + t) score matrix is ever formed.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use candle_core::{CustomOp3, Layout, Result};
 use rayon::prelude::*;
 
 use super::softmax::{exp_nonpositive, exp_row};
 use super::vectorized;
-use crate::kernels::dtype::{Float, QkvOp};
+use crate::kernels::dtype::{qkv_cpu_fwd, Float, QkvOp};
 
 /// Queries per tile and keys per tile: the scores of a pair, 32 x 128 f32, stay in L1.
 const QUERIES: usize = 32;
@@ -183,15 +183,5 @@ impl CustomOp3 for PrefillAttention<'_> {
         "granite-prefill-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        ql: &Layout,
-        k: &CpuStorage,
-        kl: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_storages(self.name(), (q, ql), (k, kl), (v, vl))
-    }
+    qkv_cpu_fwd!();
 }
