@@ -29,7 +29,8 @@ fn sum8(a: [f32; 8]) -> f32 {
 }
 
 /// `attend` for a head size known when compiling: the sums stay in registers, four chains of
-/// them for q · k so that consecutive multiply-adds do not wait on each other.
+/// them for q · k so that consecutive multiply-adds do not wait on each other. Each key and
+/// value row is read once for all the group's heads.
 #[inline(always)]
 fn attend_sized<T: Float, const D: usize>(
     q: &[f32],
@@ -37,40 +38,61 @@ fn attend_sized<T: Float, const D: usize>(
     (k, k_step): (&[T], usize),
     (v, v_step): (&[T], usize),
     scores: &mut [f32],
+    acc: &mut [f32],
     out: &mut [T],
 ) {
-    let q: &[f32; D] = q.try_into().expect("head size");
-    for (&slot, s) in slots.iter().zip(scores.iter_mut()) {
+    let (heads, len) = (q.len() / D, slots.len());
+    for (p, &slot) in slots.iter().enumerate() {
         let at = slot as usize * k_step;
         let row: &[T; D] = k[at..at + D].try_into().expect("head size");
-        let mut acc = [[0f32; 8]; 4];
-        for c in 0..D / 8 {
-            for i in 0..8 {
-                acc[c % 4][i] += q[8 * c + i] * row[8 * c + i].f32();
+        for h in 0..heads {
+            let q: &[f32; D] = q[h * D..][..D].try_into().expect("head size");
+            let mut acc = [[0f32; 8]; 4];
+            for c in 0..D / 8 {
+                for i in 0..8 {
+                    acc[c % 4][i] += q[8 * c + i] * row[8 * c + i].f32();
+                }
             }
-        }
-        *s = sum8(std::array::from_fn(|i| (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i])));
-    }
-    softmax_row(scores);
-    let mut acc = [0f32; D];
-    for (&slot, s) in slots.iter().zip(scores.iter()) {
-        let at = slot as usize * v_step;
-        let row: &[T; D] = v[at..at + D].try_into().expect("head size");
-        for (a, x) in acc.iter_mut().zip(row) {
-            *a += s * x.f32();
+            scores[h * len + p] = sum8(std::array::from_fn(|i| (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i])));
         }
     }
-    for (o, a) in out.iter_mut().zip(acc) {
-        *o = T::of(a);
+    for h in 0..heads {
+        softmax_row(&mut scores[h * len..][..len]);
+    }
+    // The values in runs of slots that stay in L1 while each head reads them, each head's sums
+    // in registers over a run.
+    acc.fill(0.0);
+    for first in (0..len).step_by(VALUE_RUN) {
+        let run = &slots[first..len.min(first + VALUE_RUN)];
+        for h in 0..heads {
+            let sums: &mut [f32; D] = (&mut acc[h * D..][..D]).try_into().expect("head size");
+            let mut a = *sums;
+            for (&slot, s) in run.iter().zip(&scores[h * len + first..]) {
+                let at = slot as usize * v_step;
+                let row: &[T; D] = v[at..at + D].try_into().expect("head size");
+                for (a, x) in a.iter_mut().zip(row) {
+                    *a += s * x.f32();
+                }
+            }
+            *sums = a;
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = T::of(*a);
     }
 }
 
+/// Slots of values per run in `attend_sized`.
+const VALUE_RUN: usize = 32;
+
 vectorized! {
-    /// One query over the keys and values at rows slot · step of `k` and `v`, one per slot and
-    /// score: out = softmax(q · k_p) · v_p.
+    /// The queries of one group of heads (rows of d in `q`) over the keys and values at rows
+    /// slot · step of `k` and `v`, one per slot, and the group's scores (a row of them per head):
+    /// out = softmax(q · k_p) · v_p per head.
     #[allow(clippy::too_many_arguments)]
     fn attend<T: Float>(
         q: &[f32],
+        d: usize,
         slots: &[u32],
         k: &[T],
         k_step: usize,
@@ -80,26 +102,29 @@ vectorized! {
         acc: &mut [f32],
         out: &mut [T],
     ) {
-        let d = q.len();
         match d {
-            64 => return attend_sized::<T, 64>(q, slots, (k, k_step), (v, v_step), scores, out),
-            128 => return attend_sized::<T, 128>(q, slots, (k, k_step), (v, v_step), scores, out),
+            64 => return attend_sized::<T, 64>(q, slots, (k, k_step), (v, v_step), scores, acc, out),
+            128 => return attend_sized::<T, 128>(q, slots, (k, k_step), (v, v_step), scores, acc, out),
             _ => {}
         }
-        for (&slot, s) in slots.iter().zip(scores.iter_mut()) {
-            let at = slot as usize * k_step;
-            *s = dot(q, &k[at..at + d]);
-        }
-        softmax_row(scores);
-        acc.fill(0.0);
-        for (&slot, s) in slots.iter().zip(scores.iter()) {
-            let at = slot as usize * v_step;
-            for (a, x) in acc.iter_mut().zip(&v[at..at + d]) {
-                *a += s * x.f32();
+        let len = slots.len();
+        let heads = q.chunks_exact(d).zip(scores.chunks_exact_mut(len)).zip(acc.chunks_exact_mut(d).zip(out.chunks_exact_mut(d)));
+        for ((q, scores), (acc, out)) in heads {
+            for (&slot, s) in slots.iter().zip(scores.iter_mut()) {
+                let at = slot as usize * k_step;
+                *s = dot(q, &k[at..at + d]);
             }
-        }
-        for (o, a) in out.iter_mut().zip(acc.iter()) {
-            *o = T::of(*a);
+            softmax_row(scores);
+            acc.fill(0.0);
+            for (&slot, s) in slots.iter().zip(scores.iter()) {
+                let at = slot as usize * v_step;
+                for (a, x) in acc.iter_mut().zip(&v[at..at + d]) {
+                    *a += s * x.f32();
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                *o = T::of(*a);
+            }
         }
     }
 }
@@ -122,17 +147,21 @@ fn attend_rows<'s, T: Float>(
     let (longest, positions) = (lens.clone().max().unwrap_or(0), lens.sum::<usize>());
     let mut out = vec![T::of(0.0); b * nh * d];
     let work = positions * nh * d * 2;
-    let init = || (vec![0f32; d], vec![0f32; longest], vec![0f32; d]);
-    for_chunks(&mut out, d, work, init, |(qf, scores, acc), bh, out| {
-        let (bi, hi) = (bh / nh, bh % nh);
-        let qo = ql.start_offset() + bi * qs[0] + hi * qs[1];
-        for (f, x) in qf.iter_mut().zip(&q[qo..qo + d]) {
-            *f = x.f32() * scale;
+    let init = || (vec![0f32; rep * d], vec![0f32; rep * longest], vec![0f32; rep * d]);
+    // One job per (row, kv head): its query heads side by side in `out`.
+    for_chunks(&mut out, rep * d, work, init, |(qf, scores, acc), group, out| {
+        let (bi, g) = (group / nkv, group % nkv);
+        for (h, qf) in qf.chunks_exact_mut(d).enumerate() {
+            let qo = ql.start_offset() + bi * qs[0] + (g * rep + h) * qs[1];
+            for (f, x) in qf.iter_mut().zip(&q[qo..qo + d]) {
+                *f = x.f32() * scale;
+            }
         }
         let (slots, row) = (slots(bi), cache_row(bi));
-        let ko = kl.start_offset() + row * ks[0] + (hi / rep) * ks[1];
-        let vo = vl.start_offset() + row * vs[0] + (hi / rep) * vs[1];
-        attend(qf, slots, &k[ko..], ks[2], &v[vo..], vs[2], &mut scores[..slots.len()], acc, out);
+        let ko = kl.start_offset() + row * ks[0] + g * ks[1];
+        let vo = vl.start_offset() + row * vs[0] + g * vs[1];
+        let scores = &mut scores[..rep * slots.len()];
+        attend(qf, d, slots, &k[ko..], ks[2], &v[vo..], vs[2], scores, acc, out);
     });
     Ok(out)
 }
