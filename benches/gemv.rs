@@ -2,7 +2,7 @@
 //! - `gemv`, decode: GiB/s of weights read for one activation row, per format, on a 16384 x 2048
 //!   matrix (a Granite-2B-shaped fused gate/up): 128 MiB as f32, 64 MiB as f16/bf16 and 18-34 MiB
 //!   quantized, which mostly stream from memory; the k-quants also through candle's quantized
-//!   matmul, for comparison.
+//!   matmul, for comparison. `x8`: multiply-adds per second for 8 activation rows (a batch).
 //! - `gemm`, prompts: multiply-adds per second of a 128-token prompt against a Granite-2B-shaped
 //!   up projection (8192 x 2048), per format and `Precision`.
 //!
@@ -45,9 +45,20 @@ fn bench(c: &mut Criterion) {
     let mut out = vec![0f32; n];
     let threads = rayon::current_num_threads();
     let mut group = c.benchmark_group("gemv");
-    for (name, rows, bytes) in formats {
-        group.throughput(Throughput::Bytes(bytes as u64));
-        group.bench_function(BenchmarkId::new(name, threads), |b| b.iter(|| gemv(&[(rows, n)], k, &x, &mut out).unwrap()));
+    for (name, rows, bytes) in &formats {
+        group.throughput(Throughput::Bytes(*bytes as u64));
+        group.bench_function(BenchmarkId::new(name, threads), |b| {
+            b.iter(|| gemv(&[(*rows, n)], k, &x, &mut out).unwrap())
+        });
+    }
+    // Eight activation rows (a batch of decode steps): multiply-adds per second.
+    let x8: Vec<f32> = Tensor::randn(0f32, 1.0, 8 * k, &Device::Cpu).unwrap().to_vec1().unwrap();
+    let mut out8 = vec![0f32; 8 * n];
+    for (name, rows, _) in &formats {
+        group.throughput(Throughput::Elements((8 * n * k) as u64));
+        group.bench_function(BenchmarkId::new(format!("{name} x8"), threads), |b| {
+            b.iter(|| gemv(&[(*rows, n)], k, &x8, &mut out8).unwrap())
+        });
     }
     // candle's quantized matmul on the k-quants, for comparison.
     let xt = Tensor::from_vec(x.clone(), (1, k), &Device::Cpu).unwrap();
@@ -64,7 +75,8 @@ fn bench(c: &mut Criterion) {
 fn prompt(c: &mut Criterion) {
     let (n, k, m) = (8192, 2048, 128);
     let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu).unwrap();
-    let brains: Vec<bf16> = w.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| bf16::from_f32(*v)).collect();
+    let brains: Vec<bf16> =
+        w.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| bf16::from_f32(*v)).collect();
     let quantized = |t| QTensor::quantize(&w, t).unwrap().data().unwrap().into_owned();
     let (q4_0, q8_0, q4_k) = (quantized(GgmlDType::Q4_0), quantized(GgmlDType::Q8_0), quantized(GgmlDType::Q4K));
     let formats = [
