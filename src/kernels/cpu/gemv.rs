@@ -183,6 +183,27 @@ fn block_job<'a, B: Blocks + 'a>(
     })
 }
 
+/// Whether this CPU multiplies `t` weights 16 rows at a time against 15-bit activations (Q4_0,
+/// Q4_1 and Q8_0 on AVX512-VNNI): each activation row's sums the same however many there are.
+pub(crate) fn lanes_reads(t: GgmlDType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return lanes::available() && matches!(t, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Columns of out (m, stride), from out's column 0, for the n rows (each k long) of a matrix
+/// `lanes_reads` takes, as `gemv` computes them: for prompts.
+pub(crate) fn lanes_product(w: Rows, n: usize, k: usize, x: &[f32], out: Out, stride: usize) {
+    let b = w.bytes();
+    let work = match w {
+        Rows::Q4_0(_) => block_job::<Q4_0>(b, k, x, out, stride),
+        Rows::Q4_1(_) => block_job::<Q4_1>(b, k, x, out, stride),
+        _ => block_job::<Q8_0>(b, k, x, out, stride),
+    };
+    split(&[Job { rows: n, row_bytes: w.row_bytes(k) * (x.len() / k), work }]);
+}
+
 /// Whether `gemv` reads weights stored as `t` on this CPU.
 pub fn reads(t: GgmlDType) -> bool {
     OWN_TYPES.contains(&t) || int8::decodes(t)

@@ -43,11 +43,13 @@ const fn sigma(l: usize) -> usize {
     4 * (l % 4) + l / 4
 }
 
-/// Rows `rows` of out (m, stride) from a matrix of blocks against `Split::new(x, center::<B>())`.
+/// Rows `rows` of out (m, stride) from a matrix of blocks against `Split::new(x, center::<B>())`:
+/// 16 rows at a time, each against every activation row in passes of 8, so that the weights
+/// come from memory once however many activation rows there are.
 /// # Safety
 /// `available()`; `w` holds the rows of `groups` blocks, `a` m rows of `groups` groups, out m rows
 /// of `stride` (shapes checked by `gemv`); each (i, r) of `out` is written by this call only.
-#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 pub unsafe fn block_rows<B: Blocks>(
     w: &[u8],
     groups: usize,
@@ -57,17 +59,38 @@ pub unsafe fn block_rows<B: Blocks>(
     out: Out,
     stride: usize,
 ) {
-    for first in (0..m).step_by(PASS) {
-        let rows = rows.clone();
-        match m - first {
-            1 => pass::<B, 1>(w, groups, a, first, rows, out, stride),
-            2 => pass::<B, 2>(w, groups, a, first, rows, out, stride),
-            3 => pass::<B, 3>(w, groups, a, first, rows, out, stride),
-            4 => pass::<B, 4>(w, groups, a, first, rows, out, stride),
-            5 => pass::<B, 5>(w, groups, a, first, rows, out, stride),
-            6 => pass::<B, 6>(w, groups, a, first, rows, out, stride),
-            7 => pass::<B, 7>(w, groups, a, first, rows, out, stride),
-            _ => pass::<B, PASS>(w, groups, a, first, rows, out, stride),
+    let row_bytes = groups * B::BYTES;
+    let order = _mm512_loadu_si512(std::array::from_fn::<i32, LANES, _>(|l| sigma(l) as i32).as_ptr() as *const _);
+    // The last rows, when fewer than 16, followed by rows of zeros.
+    let mut padded = Vec::new();
+    for r0 in rows.clone().step_by(LANES) {
+        let n = (rows.end - r0).min(LANES);
+        let base = if n == LANES {
+            w.as_ptr().add(r0 * row_bytes)
+        } else {
+            padded.extend_from_slice(&w[r0 * row_bytes..(r0 + n) * row_bytes]);
+            padded.resize(LANES * row_bytes, 0);
+            padded.as_ptr()
+        };
+        let mask = (u32::MAX >> (32 - n)) as u16;
+        for first in (0..m).step_by(PASS) {
+            let store = |acc: &[__m512]| {
+                for (i, acc) in acc.iter().enumerate() {
+                    let at = out.ptr().add((first + i) * stride + r0);
+                    _mm512_mask_storeu_ps(at, mask, _mm512_permutexvar_ps(order, *acc));
+                }
+            };
+            let pass = (base, row_bytes, a, first, groups);
+            match m - first {
+                1 => store(&sixteen_rows::<B, 1>(pass)),
+                2 => store(&sixteen_rows::<B, 2>(pass)),
+                3 => store(&sixteen_rows::<B, 3>(pass)),
+                4 => store(&sixteen_rows::<B, 4>(pass)),
+                5 => store(&sixteen_rows::<B, 5>(pass)),
+                6 => store(&sixteen_rows::<B, 6>(pass)),
+                7 => store(&sixteen_rows::<B, 7>(pass)),
+                _ => store(&sixteen_rows::<B, PASS>(pass)),
+            }
         }
     }
 }
@@ -113,52 +136,13 @@ unsafe fn unpack<B: Blocks>(block: *const u8, stride: usize) -> [__m512i; 8] {
     }
 }
 
-/// Activation rows first..first + M against rows `rows`.
-/// # Safety
-/// As `block_rows`, with M ≤ m - first.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-unsafe fn pass<B: Blocks, const M: usize>(
-    w: &[u8],
-    groups: usize,
-    a: &Split,
-    first: usize,
-    rows: Range<usize>,
-    out: Out,
-    stride: usize,
-) {
-    let row_bytes = groups * B::BYTES;
-    let order = _mm512_loadu_si512(std::array::from_fn::<i32, LANES, _>(|l| sigma(l) as i32).as_ptr() as *const _);
-    // The last rows, when fewer than 16, followed by rows of zeros.
-    let mut padded = Vec::new();
-    for r0 in rows.clone().step_by(LANES) {
-        let n = (rows.end - r0).min(LANES);
-        let base = if n == LANES {
-            w.as_ptr().add(r0 * row_bytes)
-        } else {
-            padded.extend_from_slice(&w[r0 * row_bytes..(r0 + n) * row_bytes]);
-            padded.resize(LANES * row_bytes, 0);
-            padded.as_ptr()
-        };
-        let acc = sixteen_rows::<B, M>(base, row_bytes, a, first, groups);
-        let mask = (u32::MAX >> (32 - n)) as u16;
-        for (i, acc) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.ptr().add((first + i) * stride + r0), mask, _mm512_permutexvar_ps(order, *acc));
-        }
-    }
-}
-
 /// The sums of 16 rows at `base`, `row_bytes` apart, against activation rows first..first + M,
 /// lane L holding row σ(L).
 /// # Safety
-/// As `pass`.
+/// As `block_rows`, with M ≤ m - first; `base` holds 16 rows.
 #[inline(always)]
 unsafe fn sixteen_rows<B: Blocks, const M: usize>(
-    base: *const u8,
-    row_bytes: usize,
-    a: &Split,
-    first: usize,
-    groups: usize,
+    (base, row_bytes, a, first, groups): (*const u8, usize, &Split, usize, usize),
 ) -> [__m512; M] {
     let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); M];
