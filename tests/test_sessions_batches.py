@@ -235,6 +235,30 @@ def test_cancel_stops_a_long_prefill_within_a_layer(slow):
     assert time.perf_counter() - t0 < prefill_time, (time.perf_counter() - t0, prefill_time)
 
 
+def test_getters_do_not_wait_for_a_next_blocked_on_another_thread(slow):
+    text = "The quick brown fox. " * 200
+    ids = slow.encode(text)
+    t0 = time.perf_counter()
+    slow.logits(ids)
+    prefill_time = time.perf_counter() - t0
+    stream = slow.stream(text, max_new_tokens=3, ignore_eos=True, top_logprobs=1)
+    first = []
+    waiting = threading.Thread(target=lambda: first.append(next(stream)))
+    waiting.start()
+    time.sleep(prefill_time / 10)  # `next` is in the prefill now
+    t0 = time.perf_counter()
+    seen = (stream.token_ids, stream.finish_reason, stream.logprobs, stream.prompt_tokens)
+    took = time.perf_counter() - t0
+    waiting.join()
+    assert seen == ([], None, [], 0)
+    assert took < prefill_time / 4, (took, prefill_time)
+    # Each getter is current after each chunk, and after the end.
+    assert len(stream.token_ids) == len(stream.logprobs) >= 1
+    rest = list(stream)
+    assert first[0] + "".join(rest) == slow.decode(stream.token_ids)
+    assert len(stream.token_ids) == 3 and stream.finish_reason == "length" and stream.prompt_tokens == len(ids)
+
+
 @pytest.fixture
 def ctrl_c():
     """Python's own SIGINT handler, as in an interactive run: a shell that starts pytest in the

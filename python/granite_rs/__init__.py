@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 from os import PathLike
 from typing import Any, Mapping, Optional, Union
@@ -23,16 +24,37 @@ __all__ = ["Generator", "GenerationResult", "GraniteError", "Session", "TextStre
 async def aiterate(stream: TextStream) -> AsyncIterator[str]:
     """Iterates a TextStream from asyncio without blocking the event loop.
 
-    Each chunk is computed on the loop's default executor. Cancelling the task, or leaving the
-    ``async for`` early, cancels the stream: the work stops within one layer's forward.
+    A thread of the stream's own waits for each chunk and hands it to the loop. Cancelling the
+    task, or leaving the ``async for`` early, cancels the stream: the work stops within one
+    layer's forward.
     """
     loop = asyncio.get_running_loop()
+    arrived: asyncio.Queue[Union[str, Exception, None]] = asyncio.Queue()
+
+    def hand(item: Union[str, Exception, None]) -> None:
+        try:
+            loop.call_soon_threadsafe(arrived.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody is listening
+            stream.cancel()
+
+    def pump() -> None:
+        try:
+            for chunk in stream:
+                hand(chunk)
+        except Exception as e:  # raised where the chunks are awaited
+            hand(e)
+        else:
+            hand(None)
+
+    threading.Thread(target=pump, name="granite-rs aiterate", daemon=True).start()
     try:
         while True:
-            chunk = await loop.run_in_executor(None, next, stream, None)
-            if chunk is None:
+            item = await arrived.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
                 return
-            yield chunk
+            yield item
     finally:
         stream.cancel()
 

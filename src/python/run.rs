@@ -27,16 +27,6 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Running {
     generation: Option<Sequence>,
     home: Option<Arc<Mutex<Session>>>,
-    /// What is known of a generation already handed back to its session.
-    returned: Returned,
-}
-
-#[derive(Default)]
-struct Returned {
-    new_tokens: Vec<u32>,
-    finish_reason: Option<FinishReason>,
-    logprobs: Vec<TokenLogprob>,
-    timings: Timings,
 }
 
 impl Running {
@@ -50,7 +40,7 @@ impl Running {
             Some(session) => lock(session).start(prompt, params)?,
             None => Sequence::new(generator.clone(), prompt, params)?,
         };
-        Ok(Self { generation: Some(generation), home, returned: Returned::default() })
+        Ok(Self { generation: Some(generation), home })
     }
 
     pub fn generation(&mut self) -> &mut Sequence {
@@ -68,32 +58,9 @@ impl Running {
 
     /// Hands a session's cache back now, so that a finished stream does not keep it busy.
     fn hand_back(&mut self) {
-        let Some(session) = &self.home else { return };
-        if let Some(generation) = self.generation.take() {
-            self.returned = Returned {
-                new_tokens: generation.new_tokens().to_vec(),
-                finish_reason: generation.finish_reason(),
-                logprobs: generation.logprobs().to_vec(),
-                timings: generation.timings(),
-            };
+        if let (Some(session), Some(generation)) = (&self.home, self.generation.take()) {
             lock(session).finish(generation);
         }
-    }
-
-    fn new_tokens(&self) -> &[u32] {
-        self.generation.as_ref().map_or(&self.returned.new_tokens, Sequence::new_tokens)
-    }
-
-    fn finish_reason(&self) -> Option<FinishReason> {
-        self.generation.as_ref().map_or(self.returned.finish_reason, Sequence::finish_reason)
-    }
-
-    fn logprobs(&self) -> &[TokenLogprob] {
-        self.generation.as_ref().map_or(&self.returned.logprobs, Sequence::logprobs)
-    }
-
-    fn timings(&self) -> Timings {
-        self.generation.as_ref().map_or_else(|| self.returned.timings.clone(), Sequence::timings)
     }
 }
 
@@ -136,6 +103,9 @@ pub fn watched<T: Send>(py: Python<'_>, cancel: &AtomicBool, work: impl FnOnce()
 #[pyclass(module = "granite_rs._granite_rs", frozen)]
 pub struct TextStream {
     running: Mutex<Running>,
+    /// What the getters read, brought up to date by each `__next__`: a getter never waits for
+    /// the next token behind a `__next__` blocked on another thread.
+    seen: Mutex<Seen>,
     cancel: Arc<AtomicBool>,
     /// For a chat with tools: the model, and the format its tool calls are read in.
     tools: Option<(Arc<Generator>, ToolFormat)>,
@@ -144,7 +114,26 @@ pub struct TextStream {
 impl TextStream {
     pub fn new(mut running: Running, tools: Option<(Arc<Generator>, ToolFormat)>) -> Self {
         let cancel = running.generation().cancel_flag();
-        Self { running: Mutex::new(running), cancel, tools }
+        Self { running: Mutex::new(running), seen: Mutex::default(), cancel, tools }
+    }
+}
+
+/// A generation as far as its stream has handed it out.
+#[derive(Default)]
+struct Seen {
+    new_tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    finish_reason: Option<FinishReason>,
+    timings: Timings,
+}
+
+impl Seen {
+    /// Takes in what `generation` has made since.
+    fn update(&mut self, generation: &Sequence) {
+        self.new_tokens.extend_from_slice(&generation.new_tokens()[self.new_tokens.len()..]);
+        self.logprobs.extend_from_slice(&generation.logprobs()[self.logprobs.len()..]);
+        self.finish_reason = generation.finish_reason();
+        self.timings = generation.timings();
     }
 }
 
@@ -158,6 +147,9 @@ impl TextStream {
         let chunk = py.detach(|| {
             let mut running = lock(&self.running);
             let chunk = running.next_chunk();
+            if let Some(generation) = &running.generation {
+                lock(&self.seen).update(generation);
+            }
             if !matches!(chunk, Ok(Some(_))) {
                 running.hand_back();
             }
@@ -178,37 +170,37 @@ impl TextStream {
     /// The new token ids so far.
     #[getter]
     fn token_ids(&self) -> Vec<u32> {
-        lock(&self.running).new_tokens().to_vec()
+        lock(&self.seen).new_tokens.clone()
     }
 
     /// "eos", "stop" or "length" once finished, else None.
     #[getter]
     fn finish_reason(&self) -> Option<&'static str> {
-        lock(&self.running).finish_reason().map(|f| f.as_str())
+        lock(&self.seen).finish_reason.map(|f| f.as_str())
     }
 
     /// Each new token's log-probability so far (when ``top_logprobs`` is given, 0 included; else empty).
     #[getter]
     fn logprobs(&self) -> Vec<f32> {
-        lock(&self.running).logprobs().iter().map(|l| l.logprob).collect()
+        lock(&self.seen).logprobs.iter().map(|l| l.logprob).collect()
     }
 
     /// Per new token so far, the ``top_logprobs`` most likely (token id, log-probability) pairs.
     #[getter]
     fn top_logprobs(&self) -> Vec<Vec<(u32, f32)>> {
-        lock(&self.running).logprobs().iter().map(|l| l.top.clone()).collect()
+        lock(&self.seen).logprobs.iter().map(|l| l.top.clone()).collect()
     }
 
     /// The prompt's tokens, once finished (0 before).
     #[getter]
     fn prompt_tokens(&self) -> usize {
-        lock(&self.running).timings().prompt_tokens
+        lock(&self.seen).timings.prompt_tokens
     }
 
     /// Prompt tokens not computed again (a session's cache, or prefix caching), once finished.
     #[getter]
     fn cached_tokens(&self) -> usize {
-        lock(&self.running).timings().cached_tokens
+        lock(&self.seen).timings.cached_tokens
     }
 
     /// For a chat with tools, the tool calls complete so far; else None.
@@ -230,7 +222,7 @@ impl TextStream {
 impl TextStream {
     fn read_tool_calls(&self, py: Python<'_>) -> Result<Option<(String, Vec<ToolCall>)>> {
         let Some((generator, format)) = &self.tools else { return Ok(None) };
-        let tokens = lock(&self.running).new_tokens().to_vec();
+        let tokens = lock(&self.seen).new_tokens.clone();
         py.detach(|| generator.tool_calls(&tokens, *format)).map(Some)
     }
 }
