@@ -2,7 +2,8 @@
 //! - `gemv`, decode: GiB/s of weights read for one activation row, per format, on a 16384 x 2048
 //!   matrix (a Granite-2B-shaped fused gate/up): 128 MiB as f32, 64 MiB as f16/bf16 and 18-34 MiB
 //!   quantized, which mostly stream from memory; the k-quants also through candle's quantized
-//!   matmul, for comparison. `x8`: multiply-adds per second for 8 activation rows (a batch).
+//!   matmul, for comparison. `x8`: multiply-adds per second for 8 activation rows (a batch);
+//!   `x8 int8`: the same at `Precision::Int8`.
 //! - `gemm`, prompts: multiply-adds per second of a 128-token prompt against a Granite-2B-shaped
 //!   up projection (8192 x 2048), per format and `Precision`.
 //!
@@ -48,7 +49,7 @@ fn bench(c: &mut Criterion) {
     for (name, rows, bytes) in &formats {
         group.throughput(Throughput::Bytes(*bytes as u64));
         group.bench_function(BenchmarkId::new(name, threads), |b| {
-            b.iter(|| gemv(&[(*rows, n)], k, &x, &mut out).unwrap())
+            b.iter(|| gemv(&[(*rows, n)], k, &x, &mut out, Precision::Fast).unwrap())
         });
     }
     // Eight activation rows (a batch of decode steps): multiply-adds per second.
@@ -57,8 +58,13 @@ fn bench(c: &mut Criterion) {
     for (name, rows, _) in &formats {
         group.throughput(Throughput::Elements((8 * n * k) as u64));
         group.bench_function(BenchmarkId::new(format!("{name} x8"), threads), |b| {
-            b.iter(|| gemv(&[(*rows, n)], k, &x8, &mut out8).unwrap())
+            b.iter(|| gemv(&[(*rows, n)], k, &x8, &mut out8, Precision::Fast).unwrap())
         });
+        if matches!(rows, Rows::Q4_0(_) | Rows::Q4_1(_) | Rows::Q8_0(_)) {
+            group.bench_function(BenchmarkId::new(format!("{name} x8 int8"), threads), |b| {
+                b.iter(|| gemv(&[(*rows, n)], k, &x8, &mut out8, Precision::Int8).unwrap())
+            });
+        }
     }
     // candle's quantized matmul on the k-quants, for comparison.
     let xt = Tensor::from_vec(x.clone(), (1, k), &Device::Cpu).unwrap();

@@ -1,6 +1,6 @@
 """Many requests against one request alone, on the embedded model (or any --model).
 
-    python scripts/bench_batch.py [--model PATH] [--rows 8] [--new-tokens 64] [--reps 3]
+    python scripts/bench_batch.py [--model PATH] [--rows 8] [--new-tokens 64] [--reps 3] [--precision int8]
 
 Eight prompts of different lengths (chat-formatted questions), each generating --new-tokens
 tokens (ignore_eos). Prints the tokens/s of one request alone (the first prompt), of the prompts
@@ -51,14 +51,16 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--quantize", help="Generator's quantize (e.g. q4_0)")
+    parser.add_argument("--precision", help="Generator's matmul_precision (fast, int8, exact)")
     parser.add_argument("--quick", action="store_true", help="only alone and generate_batch; no equality check")
     args = parser.parse_args()
     path = args.model or _find_real_model()[0]
-    g = Generator(path, num_threads=args.threads, quantize=args.quantize)
+    g = Generator(path, num_threads=args.threads, quantize=args.quantize, matmul_precision=args.precision)
     prompts = [g.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[: args.rows]]
     kw = dict(max_new_tokens=args.new_tokens, ignore_eos=True)
     lens = [len(g.encode(p)) for p in prompts]
-    print(f"model: {path.name}{f' quantize={args.quantize}' if args.quantize else ''}; "
+    print(f"model: {path.name}{f' quantize={args.quantize}' if args.quantize else ''}"
+          f"{f' matmul_precision={args.precision}' if args.precision else ''}; "
           f"CPU: {cpu_name()}, {args.threads or 'default'} threads")
     print(f"{len(prompts)} prompts of {lens} tokens, {args.new_tokens} new tokens each")
 

@@ -1,6 +1,6 @@
 //! The decode matrix-vector kernels and `Linear` against candle's matmul on the same weights
 //! (dequantized where they are quantized), for every format and a range of shapes. The quantized
-//! formats round the activations to 16 bits per group of 32, well inside the 1e-5 tolerance.
+//! formats round the activations to 15 or 16 bits per group of 32 (8 at `Precision::Int8`).
 
 use std::sync::Arc;
 
@@ -41,13 +41,27 @@ fn dense_formats_match_matmul() {
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let mut out = vec![0f32; m * n];
                 match dtype {
-                    DType::F32 => {
-                        gemv(&[(Rows::F32(&wd.flatten_all().unwrap().to_vec1().unwrap()), n)], k, &xs, &mut out)
-                    }
-                    DType::F16 => {
-                        gemv(&[(Rows::F16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n)], k, &xs, &mut out)
-                    }
-                    _ => gemv(&[(Rows::BF16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n)], k, &xs, &mut out),
+                    DType::F32 => gemv(
+                        &[(Rows::F32(&wd.flatten_all().unwrap().to_vec1().unwrap()), n)],
+                        k,
+                        &xs,
+                        &mut out,
+                        Precision::Fast,
+                    ),
+                    DType::F16 => gemv(
+                        &[(Rows::F16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n)],
+                        k,
+                        &xs,
+                        &mut out,
+                        Precision::Fast,
+                    ),
+                    _ => gemv(
+                        &[(Rows::BF16(&wd.flatten_all().unwrap().to_vec1().unwrap()), n)],
+                        k,
+                        &xs,
+                        &mut out,
+                        Precision::Fast,
+                    ),
                 }
                 .unwrap();
                 let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
@@ -74,12 +88,15 @@ fn quantized_formats_match_their_dequantized_weights() {
             for m in [1, 3, 4, 6, 9] {
                 let x = random((m, k), 11 + m as u64);
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let mut out = vec![0f32; m * n];
-                gemv(&[(rows, n)], k, &xs, &mut out).unwrap();
-                let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
-                let err = max_rel_err(&got, &reference(&x, &deq));
-                // Activations rounded to 15 bits per 32 (16 without AVX512-VNNI).
-                assert!(err < 4e-5, "{dtype:?} {m}x{k} by {n}x{k}: relative error {err}");
+                // Activations rounded to 15 bits per 32 (16 without AVX512-VNNI); at Int8 to 8
+                // bits on AVX512-VNNI.
+                for (precision, tolerance) in [(Precision::Fast, 4e-5), (Precision::Int8, 1e-2)] {
+                    let mut out = vec![0f32; m * n];
+                    gemv(&[(rows, n)], k, &xs, &mut out, precision).unwrap();
+                    let got = Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap();
+                    let err = max_rel_err(&got, &reference(&x, &deq));
+                    assert!(err < tolerance, "{dtype:?} {precision:?} {m}x{k} by {n}x{k}: relative error {err}");
+                }
             }
         }
     }
@@ -122,7 +139,7 @@ fn gemm_matches_matmul_on_every_format() {
                         // gemv reads the k-quants only on CPUs with the int8 kernels.
                         let rows = Rows::other(other, &data).unwrap();
                         let mut out = vec![0f32; n];
-                        match gemv(&[(rows, n)], k, &xs[..k], &mut out) {
+                        match gemv(&[(rows, n)], k, &xs[..k], &mut out, Precision::Fast) {
                             Ok(()) => {
                                 assert!(gemv_reads(other), "{other:?}");
                                 let got = Tensor::from_vec(out, (1, n), &Device::Cpu).unwrap();
@@ -162,9 +179,11 @@ fn quantized_formats_keep_non_finite_activations() {
             for at in [0, 33, 300] {
                 let mut x = vec![0.5f32; k];
                 x[at] = bad;
-                let mut out = vec![0f32; n];
-                gemv(&[(rows, n)], k, &x, &mut out).unwrap();
-                assert!(out.iter().all(|v| !v.is_finite()), "{dtype:?}: {bad} at {at} gave {out:?}");
+                for precision in [Precision::Fast, Precision::Int8] {
+                    let mut out = vec![0f32; n];
+                    gemv(&[(rows, n)], k, &x, &mut out, precision).unwrap();
+                    assert!(out.iter().all(|v| !v.is_finite()), "{dtype:?} {precision:?}: {bad} at {at} gave {out:?}");
+                }
             }
         }
     }
@@ -174,9 +193,13 @@ fn quantized_formats_keep_non_finite_activations() {
 fn gemv_rejects_bad_shapes() {
     let w = vec![0f32; 64];
     let mut out = vec![0f32; 2];
-    assert!(gemv(&[(Rows::F32(&w), 2)], 30, &[0.0; 30], &mut out).unwrap_err().contains("multiple of 32"));
-    assert!(gemv(&[(Rows::F32(&w), 2)], 32, &[0.0; 33], &mut out).unwrap_err().contains("shapes"));
-    assert!(gemv(&[(Rows::F32(&w[..63]), 2)], 32, &[0.0; 32], &mut out).unwrap_err().contains("bytes"));
+    assert!(gemv(&[(Rows::F32(&w), 2)], 30, &[0.0; 30], &mut out, Precision::Fast)
+        .unwrap_err()
+        .contains("multiple of 32"));
+    assert!(gemv(&[(Rows::F32(&w), 2)], 32, &[0.0; 33], &mut out, Precision::Fast).unwrap_err().contains("shapes"));
+    assert!(gemv(&[(Rows::F32(&w[..63]), 2)], 32, &[0.0; 32], &mut out, Precision::Fast)
+        .unwrap_err()
+        .contains("bytes"));
 }
 
 /// Every path of `Linear`: gemv for few rows, matmul for many, candle's quantized matmul for

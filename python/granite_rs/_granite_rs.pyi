@@ -278,9 +278,9 @@ class Generator(_Generates):
     bf16 where the CPU multiplies bf16 (AMX tiles, AVX512-BF16), as transformers and llama.cpp
     compute bf16 models (each product exact, f32 sums), and non-bf16 weights too; ``"int8"``:
     for GGUF block weights (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) where the CPU has AVX512-VNNI,
-    the activations rounded to 8-bit integers per 32 as llama.cpp computes them (faster, and
-    coarser: greedy tokens may differ), the others as ``"fast"``; ``"exact"``: float32
-    activations in every prompt product. Decode is the same in all three.
+    the activations rounded to 8-bit integers per 32 as llama.cpp computes them, in prompts and
+    decode (faster, above all for batches, and coarser: greedy tokens may differ), the others as
+    ``"fast"``; ``"exact"``: float32 activations in every prompt product, decode as ``"fast"``.
 
     ``kv_cache_bytes`` is the memory of every sequence's KV cache together (generations, streams,
     sessions, batch rows), set aside at load in blocks of 16 positions; a sequence takes blocks as

@@ -144,7 +144,8 @@ impl Linear {
                 products.push((&parts[first..first + l.parts.len()], *x, out.as_mut_slice()));
                 first += l.parts.len();
             }
-            cpu::gemv_each(&mut products, k).map_err(Error::invalid)?;
+            // One model's projections share its precision.
+            cpu::gemv_each(&mut products, k, linears[0].precision).map_err(Error::invalid)?;
             Ok(outs)
         })
         .transpose()
@@ -252,8 +253,12 @@ fn project(parts: &[Weight], x: &Tensor, precision: Precision, few: bool, spans:
         let y = with_all_rows(parts, Vec::new(), |rows| -> Result<Tensor> {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let mut out = vec![0f32; m * n];
-            if few { cpu::gemv(rows, k, &xs, &mut out) } else { cpu::gemm(rows, k, &xs, &mut out, precision, spans) }
-                .map_err(Error::invalid)?;
+            if few {
+                cpu::gemv(rows, k, &xs, &mut out, precision)
+            } else {
+                cpu::gemm(rows, k, &xs, &mut out, precision, spans)
+            }
+            .map_err(Error::invalid)?;
             Ok(Tensor::from_vec(out, out_dims.clone(), x.device())?.to_dtype(x.dtype())?)
         });
         if let Some(y) = y {

@@ -1,5 +1,5 @@
 //! Activations rounded to integers for the integer block products: 16-bit (`Activations`), or
-//! 15-bit in two bytes (`Split`) for `vpdpbusd`.
+//! for `vpdpbusd` 15-bit in two bytes or 8-bit in one (`Split`).
 
 use super::formats::GROUP;
 use super::vectorized;
@@ -35,10 +35,12 @@ impl Activations {
     }
 }
 
-/// Activation rows as 15-bit integers q = 128 hi + lo, hi a signed byte and lo in 0..128, with
-/// `Activations`' scales, sums and centres: x ≈ scale q, off by at most half a step, 2^-15 of the
-/// group's largest magnitude. Two `vpdpbusd` (unsigned weight bytes times signed bytes) give a
-/// block's exact Σ v q.
+/// Activation rows as signed bytes for `vpdpbusd` (unsigned weight bytes times signed bytes),
+/// with `Activations`' scales, sums and centres; x ≈ scale q, off by at most half a step:
+/// - `new`: 15-bit q = 128 hi + lo, hi a signed byte and lo in 0..128, 2^-15 of the group's
+///   largest magnitude; two products give a block's exact Σ v q.
+/// - `narrow`: 8-bit q = hi (|q| ≤ 127, lo empty), 2^-8 of it, as llama.cpp rounds activations
+///   for these blocks; one product.
 pub(crate) struct Split {
     pub(crate) hi: Vec<i8>,
     pub(crate) lo: Vec<i8>,
@@ -51,6 +53,16 @@ impl Split {
         let hi = a.q.iter().map(|q| (q >> 7) as i8).collect();
         let lo = a.q.iter().map(|q| (q & 127) as i8).collect();
         Self { hi, lo, a }
+    }
+
+    pub(crate) fn narrow(x: &[f32], center: i32) -> Self {
+        let a = Activations::rounded(x, center, 127.0);
+        Self { hi: a.q.iter().map(|&q| q as i8).collect(), lo: Vec::new(), a }
+    }
+
+    /// Whether q = 128 hi + lo (else q = hi).
+    pub(crate) fn wide(&self) -> bool {
+        !self.lo.is_empty()
     }
 }
 

@@ -7,7 +7,8 @@
 //!   then scaled; on AVX512-VNNI 16 weight rows at a time, one per lane (`x86::lanes`). Without
 //!   it, 16-bit integers (`Activations`), one row at a time. The activations' rounding error is at
 //!   most 2^-15 (2^-16) of their block's largest magnitude: far below llama.cpp's 8-bit
-//!   activations, near f32.
+//!   activations, near f32. With `Precision::Int8` on AVX512-VNNI, 8-bit activations as
+//!   llama.cpp's (`Split::narrow`): half the products, for many rows at once.
 //! - The k-quants Q4_K, Q5_K and Q6_K, where the CPU has AVX512-VNNI, against activations
 //!   rounded to 8 bits per 32 (`int8::gemv_job`), as llama.cpp's and candle's are (per 256).
 
@@ -22,6 +23,7 @@ use super::activations::Split;
 use super::formats::evens_then_odds;
 use super::formats::{checked, half_at, Blocks, Dense, Part, Rows, BF16, F16, F32, GROUP, OWN_TYPES, Q4_0, Q4_1, Q8_0};
 use super::int8;
+use super::precision::Precision;
 #[cfg(target_arch = "x86_64")]
 use super::x86::{decode, lanes, loads};
 use super::Out;
@@ -155,23 +157,27 @@ pub(super) fn block_rows<B: Blocks>(
 }
 
 /// Columns of out (m, stride) from a matrix of GGUF blocks: 16 rows per lane-wise pass on
-/// AVX512-VNNI (15-bit activations), else one row at a time (16-bit activations).
+/// AVX512-VNNI (15-bit activations, 8-bit at `Precision::Int8`), else one row at a time (16-bit
+/// activations).
 fn block_job<'a, B: Blocks + 'a>(
     w: &'a [u8],
     k: usize,
     x: &[f32],
     out: Out,
     stride: usize,
+    precision: Precision,
 ) -> Box<dyn Fn(Range<usize>) + Sync + 'a> {
     let (m, groups) = (x.len() / k, k / GROUP);
     #[cfg(target_arch = "x86_64")]
     if lanes::available() {
-        let a = Split::new(x, lanes::center::<B>());
+        let split = if precision == Precision::Int8 { Split::narrow } else { Split::new };
+        let a = split(x, lanes::center::<B>());
         // SAFETY: the features are present; shapes were checked by `gemv`.
         return Box::new(move |rows: Range<usize>| unsafe {
             lanes::block_rows::<B>(w, groups, &a, m, rows, out, stride)
         });
     }
+    let _ = precision; // 16-bit activations at every precision
     let a = Activations::new(x, B::CENTER);
     Box::new(move |rows: Range<usize>| {
         #[cfg(target_arch = "x86_64")]
@@ -193,13 +199,14 @@ pub(crate) fn lanes_reads(t: GgmlDType) -> bool {
 }
 
 /// Columns of out (m, stride), from out's column 0, for the n rows (each k long) of a matrix
-/// `lanes_reads` takes, as `gemv` computes them: for prompts.
+/// `lanes_reads` takes, as `gemv` computes them at Fast: for prompts.
 pub(crate) fn lanes_product(w: Rows, n: usize, k: usize, x: &[f32], out: Out, stride: usize) {
     let b = w.bytes();
+    let fast = Precision::Fast;
     let work = match w {
-        Rows::Q4_0(_) => block_job::<Q4_0>(b, k, x, out, stride),
-        Rows::Q4_1(_) => block_job::<Q4_1>(b, k, x, out, stride),
-        _ => block_job::<Q8_0>(b, k, x, out, stride),
+        Rows::Q4_0(_) => block_job::<Q4_0>(b, k, x, out, stride, fast),
+        Rows::Q4_1(_) => block_job::<Q4_1>(b, k, x, out, stride, fast),
+        _ => block_job::<Q8_0>(b, k, x, out, stride, fast),
     };
     split(&[Job { rows: n, row_bytes: w.row_bytes(k) * (x.len() / k), work }]);
 }
@@ -209,27 +216,37 @@ pub fn reads(t: GgmlDType) -> bool {
     OWN_TYPES.contains(&t) || int8::decodes(t)
 }
 
-/// out (m, Σn) = x (m, k) · [w₁; w₂; ...]ᵀ for matrices of n rows of k stacked along the output.
-/// k must be a multiple of 32 and every slice must have its exact size; otherwise nothing is
-/// computed and the error says why.
-pub fn gemv(parts: &[Part], k: usize, x: &[f32], out: &mut [f32]) -> Result<(), String> {
-    split(&jobs(parts, k, x, out)?);
+/// out (m, Σn) = x (m, k) · [w₁; w₂; ...]ᵀ for matrices of n rows of k stacked along the output,
+/// the activations entering as `precision` says. k must be a multiple of 32 and every slice must
+/// have its exact size; otherwise nothing is computed and the error says why.
+pub fn gemv(parts: &[Part], k: usize, x: &[f32], out: &mut [f32], precision: Precision) -> Result<(), String> {
+    split(&jobs(parts, k, x, out, precision)?);
     Ok(())
 }
 
 /// Several independent `gemv` products, each (parts, x, out), in one parallel loop: a mixture of
 /// experts' selected experts, each with its own rows. Each product gets what `gemv` gives it.
-pub fn gemv_each<'a>(products: &mut [(&[Part<'a>], &'a [f32], &mut [f32])], k: usize) -> Result<(), String> {
+pub fn gemv_each<'a>(
+    products: &mut [(&[Part<'a>], &'a [f32], &mut [f32])],
+    k: usize,
+    precision: Precision,
+) -> Result<(), String> {
     let mut all = Vec::new();
     for (parts, x, out) in products.iter_mut() {
-        all.extend(jobs(parts, k, x, out)?);
+        all.extend(jobs(parts, k, x, out, precision)?);
     }
     split(&all);
     Ok(())
 }
 
 /// The jobs of one product out (m, Σn) = x (m, k) · [w₁; w₂; ...]ᵀ, after checking its shapes.
-fn jobs<'a>(parts: &[Part<'a>], k: usize, x: &'a [f32], out: &mut [f32]) -> Result<Vec<Job<'a>>, String> {
+fn jobs<'a>(
+    parts: &[Part<'a>],
+    k: usize,
+    x: &'a [f32],
+    out: &mut [f32],
+    precision: Precision,
+) -> Result<Vec<Job<'a>>, String> {
     let stride = checked(parts, k, x, out)?;
     if let Some((Rows::Other(t, _), _)) =
         parts.iter().find(|(w, _)| matches!(w, Rows::Other(t, _) if !int8::decodes(*t)))
@@ -245,9 +262,9 @@ fn jobs<'a>(parts: &[Part<'a>], k: usize, x: &'a [f32], out: &mut [f32]) -> Resu
                 Rows::F32(_) => Box::new(dense_job::<F32>(b, k, x, out, stride)),
                 Rows::F16(_) => Box::new(dense_job::<F16>(b, k, x, out, stride)),
                 Rows::BF16(_) => Box::new(dense_job::<BF16>(b, k, x, out, stride)),
-                Rows::Q4_0(_) => block_job::<Q4_0>(b, k, x, out, stride),
-                Rows::Q4_1(_) => block_job::<Q4_1>(b, k, x, out, stride),
-                Rows::Q8_0(_) => block_job::<Q8_0>(b, k, x, out, stride),
+                Rows::Q4_0(_) => block_job::<Q4_0>(b, k, x, out, stride, precision),
+                Rows::Q4_1(_) => block_job::<Q4_1>(b, k, x, out, stride, precision),
+                Rows::Q8_0(_) => block_job::<Q8_0>(b, k, x, out, stride, precision),
                 Rows::Other(..) => Box::new(int8::gemv_job(w, k, x, out, stride)),
             };
             // SAFETY: the parts' rows add up to `stride` columns.

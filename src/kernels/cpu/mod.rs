@@ -14,6 +14,7 @@ pub(crate) mod greedy;
 pub(crate) mod int8;
 pub mod mamba;
 pub(crate) mod norm;
+mod precision;
 pub(crate) mod prefill;
 pub(crate) mod rope;
 pub(crate) mod softmax;
@@ -25,8 +26,9 @@ use rayon::prelude::*;
 
 pub(crate) use formats::decode_rows;
 pub use formats::{Part, Rows, GROUP};
-pub use gemm::{gemm, reads as gemm_reads, rows_independent as gemm_rows_independent, Precision};
+pub use gemm::{gemm, reads as gemm_reads, rows_independent as gemm_rows_independent};
 pub use gemv::{gemv, gemv_each, reads as gemv_reads};
+pub use precision::Precision;
 
 /// Whether this CPU has AVX2, FMA and F16C, which the fast paths here use.
 pub(crate) fn avx2() -> bool {

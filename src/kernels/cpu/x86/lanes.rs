@@ -2,8 +2,9 @@
 //! one per 32-bit lane: a block of 16 rows is transposed in registers so that each `vpdpbusd`
 //! multiplies 4 weights of every row by 4 activations broadcast from memory, and a block's sums
 //! land one per lane, scaled there, with no horizontal sum. The activations are 15-bit (`Split`),
-//! two products per 4 weights. Each lane's sums run in one order however many activation rows
-//! share a pass, so an activation row's result does not depend on the others.
+//! two products per 4 weights, or 8-bit (`Split::narrow`), one. Each lane's sums run in one order
+//! however many activation rows share a pass, so an activation row's result does not depend on
+//! the others.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -43,7 +44,7 @@ const fn sigma(l: usize) -> usize {
     4 * (l % 4) + l / 4
 }
 
-/// Rows `rows` of out (m, stride) from a matrix of blocks against `Split::new(x, center::<B>())`:
+/// Rows `rows` of out (m, stride) from a matrix of blocks against a `Split` of x by `center::<B>()`:
 /// 16 rows at a time, each against every activation row in passes of 8, so that the weights
 /// come from memory once however many activation rows there are.
 /// # Safety
@@ -81,19 +82,34 @@ pub unsafe fn block_rows<B: Blocks>(
                 }
             };
             let pass = (base, row_bytes, a, first, groups);
-            match m - first {
-                1 => store(&sixteen_rows::<B, 1>(pass)),
-                2 => store(&sixteen_rows::<B, 2>(pass)),
-                3 => store(&sixteen_rows::<B, 3>(pass)),
-                4 => store(&sixteen_rows::<B, 4>(pass)),
-                5 => store(&sixteen_rows::<B, 5>(pass)),
-                6 => store(&sixteen_rows::<B, 6>(pass)),
-                7 => store(&sixteen_rows::<B, 7>(pass)),
-                _ => store(&sixteen_rows::<B, PASS>(pass)),
+            if a.wide() {
+                store_pass::<B, true>(m - first, pass, store);
+            } else {
+                store_pass::<B, false>(m - first, pass, store);
             }
         }
     }
 }
+
+/// `sixteen_rows` for min(rows, 8) activation rows, handed to `store`.
+/// # Safety
+/// As `sixteen_rows`.
+#[inline(always)]
+unsafe fn store_pass<B: Blocks, const WIDE: bool>(rows: usize, pass: Pass, store: impl Fn(&[__m512])) {
+    match rows {
+        1 => store(&sixteen_rows::<B, 1, WIDE>(pass)),
+        2 => store(&sixteen_rows::<B, 2, WIDE>(pass)),
+        3 => store(&sixteen_rows::<B, 3, WIDE>(pass)),
+        4 => store(&sixteen_rows::<B, 4, WIDE>(pass)),
+        5 => store(&sixteen_rows::<B, 5, WIDE>(pass)),
+        6 => store(&sixteen_rows::<B, 6, WIDE>(pass)),
+        7 => store(&sixteen_rows::<B, 7, WIDE>(pass)),
+        _ => store(&sixteen_rows::<B, PASS, WIDE>(pass)),
+    }
+}
+
+/// A pass's 16 weight rows (from, bytes per row), activations, first activation row and groups.
+type Pass<'a> = (*const u8, usize, &'a Split, usize, usize);
 
 /// The 16 bytes at `p` of each of 16 rows `stride` apart as 4 registers: register t's lane L
 /// holds bytes 4t..4t + 4 of row σ(L).
@@ -137,12 +153,12 @@ unsafe fn unpack<B: Blocks>(block: *const u8, stride: usize) -> [__m512i; 8] {
 }
 
 /// The sums of 16 rows at `base`, `row_bytes` apart, against activation rows first..first + M,
-/// lane L holding row σ(L).
+/// lane L holding row σ(L); `WIDE`: `a.wide()`.
 /// # Safety
 /// As `block_rows`, with M ≤ m - first; `base` holds 16 rows.
 #[inline(always)]
-unsafe fn sixteen_rows<B: Blocks, const M: usize>(
-    (base, row_bytes, a, first, groups): (*const u8, usize, &Split, usize, usize),
+unsafe fn sixteen_rows<B: Blocks, const M: usize, const WIDE: bool>(
+    (base, row_bytes, a, first, groups): Pass,
 ) -> [__m512; M] {
     let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); M];
@@ -169,8 +185,11 @@ unsafe fn sixteen_rows<B: Blocks, const M: usize>(
                     .fold(zero, |s, j| _mm512_dpbusd_epi32(s, u[j], _mm512_set1_epi32(q.add(j).read_unaligned())))
             };
             let high = _mm512_add_epi32(dot(&a.hi, 0), dot(&a.hi, 4));
-            let low = _mm512_add_epi32(dot(&a.lo, 0), dot(&a.lo, 4));
-            let mut ints = _mm512_add_epi32(_mm512_slli_epi32::<7>(high), low);
+            let mut ints = if WIDE {
+                _mm512_add_epi32(_mm512_slli_epi32::<7>(high), _mm512_add_epi32(dot(&a.lo, 0), dot(&a.lo, 4)))
+            } else {
+                high
+            };
             if center::<B>() != 0 {
                 ints = _mm512_sub_epi32(ints, _mm512_set1_epi32(a.a.center[t]));
             }
@@ -191,7 +210,10 @@ pub(crate) fn reference<B: Blocks>(row: &[u8], a: &Split, first: usize) -> f32 {
     let mut acc = 0f32;
     for (g, block) in row.chunks_exact(B::BYTES).enumerate() {
         let t = first + g;
-        let q = |j: usize| 128 * a.hi[t * GROUP + j] as i32 + a.lo[t * GROUP + j] as i32;
+        let q = |j: usize| match a.wide() {
+            true => 128 * a.hi[t * GROUP + j] as i32 + a.lo[t * GROUP + j] as i32,
+            false => a.hi[t * GROUP + j] as i32,
+        };
         let ints: i32 =
             B::ints(block).iter().enumerate().map(|(j, v)| (v + center::<B>() - B::CENTER) * q(j)).sum::<i32>()
                 - a.a.center[t];
@@ -226,29 +248,30 @@ mod tests {
                     })
                     .collect();
                 let x: Vec<f32> = (0..m * groups * GROUP).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0).collect();
-                let a = Split::new(&x, center::<B>());
-                let stride = n + 5;
-                let mut out = vec![f32::NAN; m * stride];
-                // Two jobs, split off the multiple of 16 rows.
-                let cut = n.min(16);
-                for part in [0..cut, cut..n] {
-                    // SAFETY: `available()`; shapes as the kernel needs them.
-                    unsafe { block_rows::<B>(&w, groups, &a, m, part, Out(out.as_mut_ptr()), stride) };
-                }
-                for i in 0..m {
-                    for r in 0..n {
-                        let want = reference::<B>(&w[r * groups * B::BYTES..][..groups * B::BYTES], &a, i * groups);
-                        let got = out[i * stride + r];
-                        assert_eq!(
-                            got.to_bits(),
-                            want.to_bits(),
-                            "{name} {n}x{groups} m {m}: ({i}, {r}) {got} vs {want}"
+                for a in [Split::new(&x, center::<B>()), Split::narrow(&x, center::<B>())] {
+                    let stride = n + 5;
+                    let mut out = vec![f32::NAN; m * stride];
+                    // Two jobs, split off the multiple of 16 rows.
+                    let cut = n.min(16);
+                    for part in [0..cut, cut..n] {
+                        // SAFETY: `available()`; shapes as the kernel needs them.
+                        unsafe { block_rows::<B>(&w, groups, &a, m, part, Out(out.as_mut_ptr()), stride) };
+                    }
+                    for i in 0..m {
+                        for r in 0..n {
+                            let want = reference::<B>(&w[r * groups * B::BYTES..][..groups * B::BYTES], &a, i * groups);
+                            let got = out[i * stride + r];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{name} {n}x{groups} m {m}: ({i}, {r}) {got} vs {want}"
+                            );
+                        }
+                        assert!(
+                            out[i * stride + n..(i + 1) * stride].iter().all(|v| v.is_nan()),
+                            "{name}: wrote past the rows"
                         );
                     }
-                    assert!(
-                        out[i * stride + n..(i + 1) * stride].iter().all(|v| v.is_nan()),
-                        "{name}: wrote past the rows"
-                    );
                 }
             }
         }
@@ -257,7 +280,8 @@ mod tests {
         check::<Q8_0>("q8_0");
     }
 
-    /// The 15-bit activations' product is within the rounding of the activations of the f32 one.
+    /// The 15-bit (8-bit) activations' product is within the rounding of the activations of the
+    /// f32 one.
     #[test]
     fn reference_is_the_product_of_the_decoded_weights() {
         fn check<B: Blocks>(name: &str) {
@@ -269,9 +293,13 @@ mod tests {
             let mut decoded = vec![0f32; groups * GROUP];
             crate::kernels::cpu::formats::decode_blocks::<B>(&w, &mut decoded);
             let exact: f64 = decoded.iter().zip(&x).map(|(w, x)| *w as f64 * *x as f64).sum();
-            let bound: f64 = decoded.iter().map(|w| w.abs() as f64).sum::<f64>() * 5.2 / 16383.0 + 1e-3 * exact.abs();
-            let got = reference::<B>(&w, &Split::new(&x, center::<B>()), 0) as f64;
-            assert!((got - exact).abs() <= bound, "{name}: {got} vs {exact}");
+            let weights: f64 = decoded.iter().map(|w| w.abs() as f64).sum();
+            for (a, top) in [(Split::new(&x, center::<B>()), 16383.0), (Split::narrow(&x, center::<B>()), 127.0)] {
+                // Each activation off by at most half a step of max |x| / top (max |x| < 5.2).
+                let bound = weights * 5.2 / 2.0 / top + 1e-3 * exact.abs();
+                let got = reference::<B>(&w, &a, 0) as f64;
+                assert!((got - exact).abs() <= bound, "{name}, top {top}: {got} vs {exact}");
+            }
         }
         check::<Q4_0>("q4_0");
         check::<Q4_1>("q4_1");
